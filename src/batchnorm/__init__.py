@@ -1,0 +1,23 @@
+"""batchnorm: Batch Normalization (Ioffe & Szegedy, 2015, arXiv:1502.03167) as real software.
+
+Layers (:mod:`batchnorm.nn`), the BN transform as functions (:mod:`batchnorm.functional`) and
+tools on whole models (:mod:`batchnorm.tools`). The experiments and the CLI live in
+:mod:`batchnorm.experiments` and :mod:`batchnorm.cli`; the library never imports them.
+"""
+
+from . import functional, nn, tools
+from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .tools import convert
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "__version__",
+    "convert",
+    "functional",
+    "nn",
+    "tools",
+]

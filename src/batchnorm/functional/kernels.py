@@ -1,0 +1,171 @@
+"""Building and loading the fused CPU kernels (``csrc/batchnorm_cpu.cpp``).
+
+Why a C++ extension compiled on first use (and not numba, nor a build step at install):
+
+- The small-input case is dominated by per-call overhead. The op and its autograd are registered
+  in C++ (``torch.library`` + ``torch::autograd::Function``), so a training step pays one
+  dispatcher call per layer and no Python on the backward path. numba kernels would still need a
+  Python ``autograd.Function`` around them.
+- Compiling on first use against the torch that is actually installed avoids an ABI mismatch, and
+  ``pip install`` stays a plain pure-Python install (no ``--no-build-isolation``). What a user needs
+  is a C++ compiler (g++/clang) and ``ninja`` (a pip dependency). The build takes about a minute,
+  once; the result is cached by a key over the source, the flags, the torch version and the CPU.
+
+Where the kernels cannot be built or loaded, the library falls back to the portable PyTorch path
+(:class:`~batchnorm.functional.autograd.BatchNormFunction`) with a one-time warning.
+
+Environment variables:
+
+- ``BATCHNORM_KERNELS``: ``auto`` (default: build if needed, fall back with a warning),
+  ``require`` (raise if the kernels are unavailable; CI sets this), ``off`` (never load them).
+- ``BATCHNORM_CACHE``: the cache root (default ``$XDG_CACHE_HOME/batchnorm`` or
+  ``~/.cache/batchnorm``); kernels live in ``<root>/kernels/<key>/``.
+- ``BATCHNORM_CPU_ARCH``: the ``-march`` value (default ``native``; set e.g. ``x86-64-v3`` to
+  build kernels that run on other machines sharing the cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import platform
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = ["KernelsUnavailableWarning", "available", "cache_root", "load", "module", "status"]
+
+_SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "batchnorm_cpu.cpp"
+_ABI_VERSION = 1
+_lock = threading.Lock()
+_state: dict[str, object] = {"loaded": None, "reason": "", "module": None}
+
+
+class KernelsUnavailableWarning(UserWarning):
+    """The fused CPU kernels could not be loaded; the slower portable path is used instead."""
+
+
+def cache_root() -> Path:
+    """Root of the per-user cache shared by kernels and data sets."""
+    env = os.environ.get("BATCHNORM_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "batchnorm"
+
+
+def _flags() -> list[str]:
+    arch = os.environ.get("BATCHNORM_CPU_ARCH", "native")
+    return ["-O3", f"-march={arch}", "-fopenmp", "-std=c++17"]
+
+
+def _cpu_signature() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _key() -> str:
+    h = hashlib.sha256()
+    for part in (
+        _SOURCE.read_bytes(),
+        " ".join(_flags()).encode(),
+        torch.__version__.encode(),
+        platform.python_version().encode(),
+        platform.machine().encode(),
+        _cpu_signature().encode(),
+    ):
+        h.update(part)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _build_and_load() -> ModuleType:
+    key = _key()
+    build_dir = cache_root() / "kernels" / key
+    name = f"batchnorm_cpu_{key}"
+    library = build_dir / f"{name}.so"
+    done = build_dir / "BUILT"
+    if done.exists() and library.exists():
+        spec = importlib.util.spec_from_file_location(name, library)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        from torch.utils import cpp_extension
+
+        build_dir.mkdir(parents=True, exist_ok=True)
+        # cpp_extension locks build_dir, so processes starting together build once.
+        module = cpp_extension.load(
+            name=name,
+            sources=[str(_SOURCE)],
+            extra_cflags=_flags(),
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            verbose=os.environ.get("BATCHNORM_VERBOSE_BUILD") == "1",
+        )
+        done.write_text(f"{name}.so\n")
+    if torch.ops.batchnorm.abi_version() != _ABI_VERSION:
+        raise RuntimeError("the loaded kernel library has an unexpected ABI version")
+    return module
+
+
+def load() -> bool:
+    """Load (building if needed) the fused kernels; True if they are usable. Thread-safe, cached."""
+    if _state["loaded"] is not None:
+        return bool(_state["loaded"])
+    with _lock:
+        if _state["loaded"] is not None:
+            return bool(_state["loaded"])
+        mode = os.environ.get("BATCHNORM_KERNELS", "auto").lower()
+        if mode not in ("auto", "require", "off"):
+            raise ValueError(f"BATCHNORM_KERNELS must be auto, require or off, got {mode!r}")
+        if mode == "off":
+            _state.update(loaded=False, reason="disabled by BATCHNORM_KERNELS=off")
+            return False
+        try:
+            module = _build_and_load()
+        except Exception as exc:  # any build or load failure means: use the portable path
+            _state.update(loaded=False, reason=f"{type(exc).__name__}: {exc}")
+            if mode == "require":
+                raise RuntimeError(
+                    "BATCHNORM_KERNELS=require but the fused CPU kernels could not be built or "
+                    f"loaded: {_state['reason']}"
+                ) from exc
+            warnings.warn(
+                "batchnorm: the fused CPU kernels are unavailable "
+                f"({_state['reason'].splitlines()[0][:300]}); using the portable PyTorch path, "
+                "which is correct but slower. Install a C++ compiler (g++ or clang) and ninja, "
+                "or set BATCHNORM_KERNELS=off to silence this warning.",
+                KernelsUnavailableWarning,
+                stacklevel=3,
+            )
+            return False
+        _state.update(loaded=True, reason="", module=module)
+        return True
+
+
+def module() -> ModuleType:
+    """The loaded extension module (its ``train_forward`` is the eager entry point)."""
+    if not load():
+        raise RuntimeError(status())
+    return _state["module"]
+
+
+def available() -> bool:
+    """Whether the fused CPU kernels are loaded (building them on first call)."""
+    return load()
+
+
+def status() -> str:
+    """One line on the kernels: where they live, or why they are not used."""
+    if load():
+        return f"fused CPU kernels loaded from {cache_root() / 'kernels' / _key()}"
+    return f"fused CPU kernels unavailable: {_state['reason']}"

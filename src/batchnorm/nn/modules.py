@@ -1,0 +1,282 @@
+"""Drop-in Batch Normalization layers: ``BatchNorm1d``, ``BatchNorm2d``, ``BatchNorm3d``.
+
+Ioffe & Szegedy, arXiv:1502.03167. In training each channel is normalized with the statistics of
+the mini-batch (Alg. 1; over N·L, N·H·W or N·D·H·W values for convolutional inputs, Sec. 3.2) and
+the layer keeps population statistics for inference (Alg. 2), where BN is one fixed affine map per
+channel (Alg. 2 line 11).
+
+The classes subclass ``torch.nn.BatchNorm1d/2d/3d``: the same constructor arguments and defaults,
+the same parameters and buffers (``weight``, ``bias``, ``running_mean``, ``running_var``,
+``num_batches_tracked``), so ``state_dict``s load both ways with ``strict=True``, and
+``isinstance(layer, torch.nn.BatchNorm2d)`` holds, so tools written for torch's layers
+(``torch.ao`` fusion, ``swa_utils.update_bn``, ``convert_sync_batchnorm``) accept them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..functional.core import _train, check_hyperparameters, check_input, nonfinite_message
+from ..functional.stats import PopulationStats
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "StatsMode"]
+
+StatsMode = Literal["ema", "cumulative", "population"]
+_STATS_MODES = ("ema", "cumulative", "population")
+
+
+class _BatchNormMixin:
+    """What our layers add to ``torch.nn.BatchNorm*``; documented once, here.
+
+    Args (beyond torch's, keyword-only):
+        stats_mode: how training steps update ``running_mean``/``running_var`` (the population
+            statistics used by ``eval()``):
+
+            - ``"ema"`` (default when ``momentum`` is a number): exponential moving average,
+              ``new = (1 − momentum) · old + momentum · batch``. What every framework does; it
+              follows the weights as they train, so it is the right choice for evaluating *during*
+              training, but it lags behind and mixes statistics of older weights.
+            - ``"cumulative"`` (default when ``momentum=None``; torch's ``momentum=None``): the equal-
+              weight average of every batch's statistics since the last reset. Better than an EMA
+              when the weights no longer change (e.g. after training), worse while they do.
+            - ``"population"``: the paper's estimate (Alg. 2 lines 9–10) over every training batch
+              since the last :meth:`reset_running_stats`: ``E[x] = E_B[μ_B]``, ``Var[x] =
+              m/(m−1) · E_B[σ²_B]``, accumulated in float64, so that ``eval()`` after an explicit
+              pass over training batches with frozen weights uses exactly the paper's statistics.
+              Use it for that pass (``batchnorm.tools.recalibrate`` runs one for you, on any BN
+              layer); it is not meant for the training run itself.
+
+            The variance fed to every running average is the unbiased one (m/(m−1)·σ²_B), while the
+            training forward normalizes with the biased σ²_B (Alg. 1), as torch does.
+        guard_nonfinite: if a training batch's statistics are not finite (a NaN/inf input, an fp16
+            overflow upstream), do not write them into the running statistics: skip the update,
+            count it in the ``nonfinite_skips`` buffer and warn the first time (on CPU; on other
+            devices reading the counter would synchronize every step, so check it yourself). The
+            counter is not part of the ``state_dict``, so checkpoints stay loadable into torch's
+            layers.
+
+    Attributes:
+        freeze_stats: when True, training-mode forwards normalize with the running statistics and
+            leave them untouched, while γ/β (and the input) still receive gradients — for
+            fine-tuning, where ``model.train()`` would otherwise re-enable statistic updates. It
+            survives ``model.train()``; ``eval()`` is unaffected.
+    """
+
+    _ndims: tuple[int, ...] = ()
+    _shape_doc = ""
+    # declared for type checkers; nn.BatchNorm* sets these
+    num_features: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    training: bool
+    weight: Tensor | None
+    bias: Tensor | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        stats_mode: StatsMode | None = None,
+        guard_nonfinite: bool = True,
+    ) -> None:
+        where = f"{type(self).__name__}({num_features})"
+        if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
+            raise ValueError(f"{where}: num_features must be a positive int, got {num_features!r}")
+        check_hyperparameters(eps, momentum, where)
+        super().__init__(  # type: ignore[call-arg]
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
+        self.guard_nonfinite = guard_nonfinite
+        self.freeze_stats = False
+        self.layer_name = ""
+        self._population_mode = False
+        self._population = PopulationStats()
+        # Not persistent: keeps state_dicts identical to torch's (strict loading both ways).
+        self.register_buffer(
+            "nonfinite_skips",
+            torch.zeros((), dtype=torch.long, device=device),
+            persistent=False,
+        )
+        if stats_mode is not None:
+            self.stats_mode = stats_mode
+
+    # -- population statistics mode -------------------------------------------------------------
+
+    @property
+    def stats_mode(self) -> StatsMode:
+        """``"population"``, or else ``"cumulative"`` if ``momentum is None``, else ``"ema"``."""
+        if self._population_mode:
+            return "population"
+        return "cumulative" if self.momentum is None else "ema"
+
+    @stats_mode.setter
+    def stats_mode(self, mode: StatsMode) -> None:
+        if mode not in _STATS_MODES:
+            raise ValueError(
+                f"{self._where()}: stats_mode must be one of {_STATS_MODES}, got {mode!r}"
+            )
+        if mode == "ema" and self.momentum is None:
+            raise ValueError(
+                f"{self._where()}: stats_mode='ema' needs a momentum in [0, 1], but momentum=None"
+            )
+        if mode == "cumulative":
+            self.momentum = None
+        if mode == "population" and self._population_mode is False:
+            self._population.reset()
+        self._population_mode = mode == "population"
+
+    @property
+    def population(self) -> PopulationStats:
+        """The float64 accumulator behind ``stats_mode="population"`` (batches since the last reset)."""
+        return self._population
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()  # type: ignore[misc]
+        if hasattr(self, "_population"):  # torch's __init__ calls this before ours has run
+            self._population.reset()
+            self.nonfinite_skips.zero_()
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def _where(self) -> str:
+        name = f" '{self.layer_name}'" if getattr(self, "layer_name", "") else ""
+        return f"{type(self).__name__}({self.num_features}){name}"
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in self._ndims:
+            raise ValueError(
+                f"{self._where()}: expected a {' or '.join(f'{d}-D' for d in self._ndims)} input "
+                f"{self._shape_doc}, got shape {tuple(input.shape)} ({input.dim()}-D)"
+            )
+
+    def _check(self, input: Tensor, batch_stats: bool) -> None:
+        """Every check of the forward, as cheap comparisons; the messages come from the slow path."""
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{self._where()}: expected a Tensor, got {type(input).__name__}")
+        shape = input.shape
+        if (
+            len(shape) not in self._ndims
+            or shape[1] != self.num_features
+            or not input.is_floating_point()
+            or (batch_stats and input.numel() <= shape[1])
+        ):
+            self._check_input_dim(input)
+            check_input(input, self.num_features, batch_stats, self._where())
+        if not self.eps > 0 or (self.momentum is not None and not 0 <= self.momentum <= 1):
+            check_hyperparameters(self.eps, self.momentum, self._where())
+
+    def forward(self, input: Tensor) -> Tensor:
+        batch_stats = (self.training and not self.freeze_stats) or self.running_mean is None
+        self._check(input, batch_stats)
+        if not batch_stats:
+            # Alg. 2 line 11 (eval, or frozen statistics): one affine map per channel.
+            return F.batch_norm(
+                input,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                False,
+                0.0,
+                self.eps,
+            )
+        update = self.training and self.track_running_stats and self.running_mean is not None
+        if update and self._population_mode:
+            return self._population_step(input)
+        if update:
+            return _train(
+                input,
+                self.weight,
+                self.bias,
+                self.running_mean,
+                self.running_var,
+                self.num_batches_tracked,
+                self.momentum,
+                self.eps,
+                self.guard_nonfinite,
+                self.nonfinite_skips,
+                self._where,
+            ).output
+        return _train(
+            input,
+            self.weight,
+            self.bias,
+            None,
+            None,
+            None,
+            self.momentum,
+            self.eps,
+            False,
+            None,
+            self._where,
+        ).output
+
+    def _population_step(self, input: Tensor) -> Tensor:
+        y, mean, var = _train(
+            input, self.weight, self.bias, None, None, None, None, self.eps, False, None, ""
+        )
+        if self.guard_nonfinite and not bool(
+            torch.isfinite(mean).all() & torch.isfinite(var).all()
+        ):
+            if int(self.nonfinite_skips) == 0:
+                warnings.warn(nonfinite_message(self._where()), UserWarning, stacklevel=3)
+            self.nonfinite_skips.add_(1)
+            return y
+        self._population.update(mean, var, input.numel() // input.shape[1])
+        est_mean, est_var = self._population.paper()
+        with torch.no_grad():
+            self.running_mean.copy_(est_mean)
+            self.running_var.copy_(est_var)
+            self.num_batches_tracked.add_(1)
+        return y
+
+    def extra_repr(self) -> str:
+        extra = super().extra_repr()  # type: ignore[misc]
+        if self._population_mode:
+            extra += ", stats_mode=population"
+        if not self.guard_nonfinite:
+            extra += ", guard_nonfinite=False"
+        if self.freeze_stats:
+            extra += ", freeze_stats=True"
+        return extra
+
+
+class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
+    """BN over a 2-D ``(N, C)`` input (per activation) or 3-D ``(N, C, L)`` input (per channel, over
+    N·L values). Drop-in for :class:`torch.nn.BatchNorm1d`; see :class:`_BatchNormMixin`."""
+
+    _ndims = (2, 3)
+    _shape_doc = "(N, C) or (N, C, L)"
+
+
+class BatchNorm2d(_BatchNormMixin, nn.BatchNorm2d):
+    """BN over a 4-D ``(N, C, H, W)`` input, per feature map over N·H·W values (Sec. 3.2).
+    Drop-in for :class:`torch.nn.BatchNorm2d`; see :class:`_BatchNormMixin`."""
+
+    _ndims = (4,)
+    _shape_doc = "(N, C, H, W)"
+
+
+class BatchNorm3d(_BatchNormMixin, nn.BatchNorm3d):
+    """BN over a 5-D ``(N, C, D, H, W)`` input, per feature map over N·D·H·W values.
+    Drop-in for :class:`torch.nn.BatchNorm3d`; see :class:`_BatchNormMixin`."""
+
+    _ndims = (5,)
+    _shape_doc = "(N, C, D, H, W)"

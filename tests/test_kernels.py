@@ -1,0 +1,76 @@
+"""The fused kernels: thread-count independence, and the fallback when they cannot be built."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from batchnorm.functional import batch_norm_train, kernels, use_backend
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="fused kernels unavailable")
+
+
+@pytest.mark.parametrize(
+    "shape,fmt",
+    [
+        ((4096, 64), None),
+        ((8, 16, 40, 40), None),
+        ((8, 16, 40, 40), torch.channels_last),
+        ((2, 1, 70000), None),
+        ((64, 3, 33, 33), None),
+    ],
+    ids=["2d", "nchw", "nhwc", "one-channel", "few-channels"],
+)
+def test_results_do_not_depend_on_thread_count(threads, shape, fmt):
+    x = torch.randn(shape) * 3 + 100
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    g = torch.randn(shape)
+    w = torch.randn(shape[1])
+    out = {}
+    for n in (1, 2):
+        threads(n)
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with use_backend("fused"):
+            y, mean, var = batch_norm_train(xs, ws)
+        y.backward(g)
+        out[n] = (y, mean, var, xs.grad, ws.grad)
+    for a, b in zip(out[1], out[2], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_fallback_when_the_kernels_cannot_build(tmp_path):
+    """A failing build gives one warning and the portable path, which still computes BN."""
+    code = (
+        "import warnings, torch\n"
+        "from batchnorm.functional import batch_norm_train, select_backend\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    x = torch.randn(6, 3)\n"
+        "    y = batch_norm_train(x).output\n"
+        "    batch_norm_train(x)\n"
+        "print(select_backend(x), len(w), w[0].category.__name__ if w else '')\n"
+        "print(float(y.mean(0).abs().max()) < 1e-6)\n"
+    )
+    env = {
+        **os.environ,
+        "BATCHNORM_CACHE": str(tmp_path),
+        "BATCHNORM_CPU_ARCH": "no-such-cpu",
+        "BATCHNORM_KERNELS": "auto",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout.split()
+    assert out == ["python", "1", "KernelsUnavailableWarning", "True"]
+    env["BATCHNORM_KERNELS"] = "require"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode != 0 and "BATCHNORM_KERNELS=require" in proc.stderr

@@ -1,0 +1,23 @@
+"""The one table of numerical tolerances used by the tests (see STYLE.md: tolerances live in one place).
+
+Outputs of BN are O(1) by construction, so absolute and relative tolerances are of the same order.
+"""
+
+import torch
+
+# Comparing a path computed in `dtype` against the float64 reference evaluated on the same values.
+TOL = {
+    torch.float64: {"atol": 1e-10, "rtol": 1e-9},
+    torch.float32: {"atol": 2e-5, "rtol": 2e-5},
+    torch.float16: {"atol": 4e-3, "rtol": 4e-3},
+    torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2},
+}
+
+# Comparing our float32 layers with torch's float32 layers (two float32 computations).
+TORCH_AGREEMENT = {"atol": 2e-5, "rtol": 2e-5}
+
+# Statistics returned in float64 from float32 inputs, against float64 statistics of the same values.
+STATS_RTOL_F32 = 1e-5
+
+# Gradients (float32 path vs float64 reference): sums over m values lose a little more.
+GRAD_F32 = {"atol": 1e-4, "rtol": 1e-4}
