@@ -1,27 +1,29 @@
 // Fused CPU kernels for training-mode Batch Normalization (Ioffe & Szegedy, arXiv:1502.03167).
 //
 // BN is memory-bound: the training forward must read x and write y, the backward must read x and
-// dy and write dx. PyTorch's CPU kernels make several passes over memory; these kernels make one
-// pass from memory per tensor and re-read data while it is still in cache:
+// dy and write dx. These kernels read each tensor once from memory and re-read it while it is
+// still in cache where the layout allows:
 //
-//   * "planar" inputs (contiguous N, C, *spatial with a spatial size > 1): one task per channel
-//     computes the channel's statistics and then normalizes it while its N·S values sit in L2.
+//   * "planar" inputs (contiguous N, C, *spatial with spatial size S > 1): one task per channel
+//     computes the channel's statistics and then normalizes it while its N·S values sit in L2;
 //   * "rows" inputs (2-D (N, C), and channels_last / channels_last_3d): the reduction runs over
-//     rows with per-channel accumulators in vector lanes, then an elementwise pass normalizes.
+//     rows with per-channel accumulators, then an elementwise pass applies the result.
 //
 // Numerics (see also functional/stats.py):
-//   * statistics use shifted sums accumulated in float64: d = x - x_0 per channel, Σd and Σd², so
-//     Var = (Σd² - (Σd)²/m)/m has no catastrophic cancellation for inputs like 1e4 + N(0, 1);
-//   * the reduction is split into chunks whose boundaries depend only on the shape, and chunk
+//   * statistics are shifted sums accumulated in float64: d = x - x_0 per channel, Σd and Σd², so
+//     Var = (Σd² - (Σd)²/m)/m does not cancel catastrophically for inputs like 1e4 + N(0, 1);
+//   * every reduction is split into chunks whose boundaries depend only on the shape, and chunk
 //     partials are added in a fixed order, so results do not depend on the number of threads;
-//   * y = ((x - mean_hi) - mean_lo) * scale + beta, where mean_hi + mean_lo is the float64 mean
-//     split into two floats: x - mean is exact to float rounding even when |mean| >> std;
+//   * x - mean is computed as (x - mean_hi) - mean_lo, where mean_hi + mean_lo is the float64 mean
+//     split into two floats: exact to float rounding even when |mean| >> std;
 //   * 16-bit inputs are computed in float32; batch statistics are returned in float64.
 //
-// The op `batchnorm::train_forward` also updates the running statistics (EMA or cumulative, in
-// torch's convention) and refuses to write non-finite batch statistics into them (the guard).
-// Its autograd kernel is C++ (no Python on the backward path); a double backward falls back to
-// ATen ops that recompute the statistics, so the second derivative is exact.
+// Ops (schemas at the bottom): the fused `train_forward` (statistics, normalization and the
+// running-statistics update with a non-finite guard, in one call; its autograd is C++, so a
+// training step pays one dispatch per layer and no Python on the backward path) and
+// `train_backward`; and the same work split in steps for callers that must combine statistics
+// across processes (SyncBatchNorm) or only need them: `moments`, `normalize`, `backward_reduce`,
+// `backward_elementwise`. Both families run the same reduction and elementwise loops below.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -36,8 +38,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <string>
-#include <type_traits>
 #include <vector>
 
 namespace batchnorm {
@@ -60,10 +60,8 @@ struct Compute<double> {
 inline float load(float v) { return v; }
 inline double load(double v) { return v; }
 inline float load(at::Half v) {
-  uint16_t bits;
-  std::memcpy(&bits, &v, 2);
   _Float16 h;
-  std::memcpy(&h, &bits, 2);
+  std::memcpy(&h, &v, 2);
   return static_cast<float>(h);
 }
 inline float load(at::BFloat16 v) {
@@ -88,16 +86,44 @@ inline void store(at::BFloat16* p, float v) {
 }
 
 // ----------------------------------------------------------------------------------------------
-// Shapes and chunking.
+// Shapes, chunking, threads.
 
 enum class Layout { Planar, Rows };
 
 struct Geometry {
   Layout layout;
-  int64_t N, C, S;  // planar: x[n][c][s]; rows: x[r][c] with R = N * S rows
+  int64_t N, C, S;  // planar: x[n][c][s]; rows: x[r][c] with N * S rows
   int64_t m;        // values per channel, N * S
   int64_t rows() const { return N * S; }
+  int64_t total() const { return m * C; }
 };
+
+// Returns the geometry and the tensor to read (x itself unless it had to be made contiguous).
+std::pair<Geometry, Tensor> geometry_of(const Tensor& x) {
+  TORCH_CHECK(x.dim() >= 2, "batchnorm: expected an input of shape (N, C, ...), got ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu(), "batchnorm: the fused kernels take CPU tensors, got ",
+              x.device());
+  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t S = C == 0 || N == 0 ? 0 : x.numel() / (N * C);
+  if (S == 1 && x.is_contiguous()) return {{Layout::Rows, N, C, 1, N}, x};
+  if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast))
+    return {{Layout::Rows, N, C, S, N * S}, x};
+  if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d))
+    return {{Layout::Rows, N, C, S, N * S}, x};
+  Tensor xc = x.contiguous();
+  return {{S == 1 ? Layout::Rows : Layout::Planar, N, C, S, N * S}, xc};
+}
+
+// `t` in the layout and dtype of the input geometry `g` (no copy when it already is).
+Tensor like_input(const Tensor& t, const Tensor& x, const Geometry& g) {
+  TORCH_CHECK(t.sizes() == x.sizes(), "batchnorm: a gradient of shape ", t.sizes(),
+              " does not match the input's shape ", x.sizes());
+  at::MemoryFormat fmt = at::MemoryFormat::Contiguous;
+  if (g.layout == Layout::Rows && g.S > 1)
+    fmt = x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+  Tensor out = t.scalar_type() == x.scalar_type() ? t : t.to(x.scalar_type());
+  return out.is_contiguous(fmt) ? out : out.contiguous(fmt);
+}
 
 // Chunks hold about this many values; chunk boundaries depend only on the shape.
 constexpr int64_t kChunk = 16384;
@@ -105,20 +131,16 @@ constexpr int64_t kChunk = 16384;
 constexpr int64_t kSerialBelow = 32768;
 
 struct Chunking {
-  int64_t per_chunk;  // planar: batch items n per chunk; rows: rows per chunk
-  int64_t count;
+  int64_t per;    // planar: batch items n per chunk; rows: rows per chunk
+  int64_t count;  // chunks
 };
 
-Chunking planar_chunks(const Geometry& g) {
-  int64_t per = std::max<int64_t>(1, kChunk / std::max<int64_t>(g.S, 1));
-  per = std::min(per, g.N);
-  return {per, (g.N + per - 1) / per};
-}
-
-Chunking row_chunks(const Geometry& g) {
-  int64_t per = std::max<int64_t>(1, kChunk / std::max<int64_t>(g.C, 1));
-  per = std::min(per, g.rows());
-  return {per, (g.rows() + per - 1) / per};
+Chunking chunking(const Geometry& g) {
+  const int64_t span = g.layout == Layout::Planar ? g.N : g.rows();
+  const int64_t unit = g.layout == Layout::Planar ? g.S : g.C;
+  int64_t per = std::max<int64_t>(1, kChunk / std::max<int64_t>(unit, 1));
+  per = std::min(per, std::max<int64_t>(span, 1));
+  return {per, (span + per - 1) / per};
 }
 
 template <typename F>
@@ -130,23 +152,8 @@ void parallel(int64_t n, int64_t total_values, const F& f) {
   }
 }
 
-// Per-channel constants of the elementwise passes, in the compute type (one allocation).
-template <typename T>
-struct ChannelAffine {
-  using A = typename Compute<T>::type;
-  explicit ChannelAffine(int64_t C) : storage(5 * C) {
-    mean_hi = storage.data();
-    mean_lo = mean_hi + C;
-    k1 = mean_lo + C;
-    k2 = k1 + C;
-    k3 = k2 + C;
-  }
-  std::vector<A> storage;
-  A *mean_hi, *mean_lo, *k1, *k2, *k3;
-};
-
-// A read-only view of an optional per-channel parameter (γ or β) in any floating dtype, read
-// as double without an ATen conversion (this runs on every call).
+// A read-only view of an optional per-channel parameter (γ or β) in any floating dtype, read as
+// double without an ATen conversion (this runs on every call).
 struct ParamView {
   Tensor holder;  // keeps a contiguous copy alive when the parameter was not contiguous
   const void* data = nullptr;
@@ -177,26 +184,77 @@ ParamView param_view(const std::optional<Tensor>& t, int64_t C, const char* what
   return v;
 }
 
-// Split a double into hi + lo in the compute type: hi + lo == v to about twice the precision.
-template <typename A>
-inline void split(double v, A& hi, A& lo) {
-  hi = static_cast<A>(v);
-  lo = static_cast<A>(v - static_cast<double>(hi));
+// A per-channel float64 vector as a raw pointer, converting only if it is not one already.
+const double* double_vector(const Tensor& t, int64_t C, Tensor& holder, const char* what) {
+  TORCH_CHECK(t.numel() == C, "batchnorm: expected ", what, " to have ", C, " values, got shape ",
+              t.sizes());
+  holder = (t.scalar_type() == at::kDouble && t.is_contiguous() && t.device().is_cpu())
+               ? t
+               : t.to(at::kDouble).contiguous().cpu();
+  return holder.const_data_ptr<double>();
 }
 
+// Writes v[c] into a new per-channel tensor with the given options.
+Tensor per_channel_tensor(const double* v, int64_t C, const at::TensorOptions& opts) {
+  Tensor out = at::empty({C}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "bn_vec", [&] {
+    scalar_t* p = out.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) p[c] = static_cast<scalar_t>(v[c]);
+  });
+  return out;
+}
+
+// Per-channel constants of the elementwise passes, in the compute type (one allocation):
+//   forward:  y  = ((x - mean_hi) - mean_lo) * k1 + k3                (k1 = γ·inv, k3 = β)
+//   backward: dx = k1 * g - (k2 * ((x - mean_hi) - mean_lo) + k3)     (see backward_constants)
+template <typename T>
+struct ChannelAffine {
+  using A = typename Compute<T>::type;
+  explicit ChannelAffine(int64_t C) : storage(5 * C) {
+    mean_hi = storage.data();
+    mean_lo = mean_hi + C;
+    k1 = mean_lo + C;
+    k2 = k1 + C;
+    k3 = k2 + C;
+  }
+  std::vector<A> storage;
+  A *mean_hi, *mean_lo, *k1, *k2, *k3;
+
+  void set_mean(int64_t c, double mean) {
+    mean_hi[c] = static_cast<A>(mean);
+    mean_lo[c] = static_cast<A>(mean - static_cast<double>(mean_hi[c]));
+  }
+  void forward_constants(int64_t c, double mean, double var, double eps, const ParamView& gamma,
+                         const ParamView& beta) {
+    const double inv = 1.0 / std::sqrt(var + eps);
+    set_mean(c, mean);
+    k1[c] = static_cast<A>(gamma ? gamma[c] * inv : inv);
+    k3[c] = static_cast<A>(beta ? beta[c] : 0.0);
+  }
+  // dl/dx = γ·inv/m · (m g - Σg - x̂ Σg x̂) with x̂ = (x - mean)·inv and s2 = Σ g (x - mean)
+  void backward_constants(int64_t c, double mean, double inv, double s1, double s2, double m,
+                          const ParamView& gamma) {
+    const double gm = gamma ? gamma[c] : 1.0;
+    set_mean(c, mean);
+    k1[c] = static_cast<A>(gm * inv);
+    k2[c] = static_cast<A>(gm * inv * inv * inv * s2 / m);
+    k3[c] = static_cast<A>(gm * inv * s1 / m);
+  }
+};
+
 // ----------------------------------------------------------------------------------------------
-// Forward statistics.
+// The reductions: the only loops that sum over data.
 
 // Σd, Σd² over batch items [n0, n1) of channel c, d = x - shift.
 template <typename T>
-inline void planar_chunk_sums(const T* __restrict x, const Geometry& g, int64_t c, int64_t n0,
-                              int64_t n1, double shift, double& out1, double& out2) {
+inline void planar_sums_x(const T* __restrict x, const Geometry& g, int64_t c, int64_t n0,
+                          int64_t n1, double shift, double& out1, double& out2) {
   double a1 = 0.0, a2 = 0.0;
   for (int64_t n = n0; n < n1; ++n) {
     const T* __restrict p = x + (n * g.C + c) * g.S;
 #pragma omp simd reduction(+ : a1, a2)
     for (int64_t s = 0; s < g.S; ++s) {
-      double d = static_cast<double>(load(p[s])) - shift;
+      const double d = static_cast<double>(load(p[s])) - shift;
       a1 += d;
       a2 += d * d;
     }
@@ -205,186 +263,11 @@ inline void planar_chunk_sums(const T* __restrict x, const Geometry& g, int64_t 
   out2 = a2;
 }
 
-// Σd, Σd² per channel over rows [r0, r1), accumulated into s1[C], s2[C].
+// Σg, Σg(x - mean) over batch items [n0, n1) of channel c.
 template <typename T>
-inline void row_chunk_sums(const T* __restrict x, const Geometry& g, int64_t r0, int64_t r1,
-                           const double* __restrict shift, double* __restrict s1,
-                           double* __restrict s2) {
-  const int64_t C = g.C;
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* __restrict p = x + r * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      double d = static_cast<double>(load(p[c])) - shift[c];
-      s1[c] += d;
-      s2[c] += d * d;
-    }
-  }
-}
-
-inline void finish_moments(double shift, double s1, double s2, double m, double& mean,
-                           double& var) {
-  mean = shift + s1 / m;
-  const double v = (s2 - s1 * (s1 / m)) / m;  // Alg. 1: biased variance
-  var = v < 0.0 ? 0.0 : v;  // clamp rounding below zero; a NaN stays NaN (std::max would drop it)
-}
-
-// ----------------------------------------------------------------------------------------------
-// Forward elementwise pass: y = ((x - mean_hi) - mean_lo) * scale + beta  (k1 = scale, k3 = beta)
-
-template <typename T>
-inline void planar_normalize(const T* __restrict x, T* __restrict y, const Geometry& g, int64_t c,
-                             int64_t n0, int64_t n1, const ChannelAffine<T>& a) {
-  using A = typename Compute<T>::type;
-  const A mh = a.mean_hi[c], ml = a.mean_lo[c], sc = a.k1[c], b = a.k3[c];
-  for (int64_t n = n0; n < n1; ++n) {
-    const int64_t off = (n * g.C + c) * g.S;
-    const T* __restrict p = x + off;
-    T* __restrict q = y + off;
-#pragma omp simd
-    for (int64_t s = 0; s < g.S; ++s) {
-      A v = load(p[s]);
-      store(q + s, ((v - mh) - ml) * sc + b);
-    }
-  }
-}
-
-template <typename T>
-inline void rows_normalize(const T* __restrict x, T* __restrict y, const Geometry& g, int64_t r0,
-                           int64_t r1, const ChannelAffine<T>& a) {
-  using A = typename Compute<T>::type;
-  const int64_t C = g.C;
-  const A* __restrict mh = a.mean_hi;
-  const A* __restrict ml = a.mean_lo;
-  const A* __restrict sc = a.k1;
-  const A* __restrict b = a.k3;
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* __restrict p = x + r * C;
-    T* __restrict q = y + r * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      A v = load(p[c]);
-      store(q + c, ((v - mh[c]) - ml[c]) * sc[c] + b[c]);
-    }
-  }
-}
-
-// Per-channel affine of the forward from the statistics and (optional) gamma, beta.
-template <typename T>
-void forward_affine(ChannelAffine<T>& a, int64_t c, double mean, double var, double eps,
-                    const ParamView& gamma, const ParamView& beta) {
-  using A = typename Compute<T>::type;
-  const double inv = 1.0 / std::sqrt(var + eps);
-  split<A>(mean, a.mean_hi[c], a.mean_lo[c]);
-  a.k1[c] = static_cast<A>(gamma ? gamma[c] * inv : inv);
-  a.k3[c] = static_cast<A>(beta ? beta[c] : 0.0);
-}
-
-template <typename T>
-void forward_kernel(const Tensor& x_t, Tensor& y_t, const Geometry& g, double eps,
-                    const ParamView& gp, const ParamView& bp, double* mean_out, double* var_out) {
-  const T* x = x_t.const_data_ptr<T>();
-  T* y = y_t.mutable_data_ptr<T>();
-  const int64_t C = g.C;
-  const double m = static_cast<double>(g.m);
-  ChannelAffine<T> a(C);
-  const int64_t total = g.m * C;
-
-  if (g.layout == Layout::Planar) {
-    const Chunking ch = planar_chunks(g);
-    auto channel_stats = [&](int64_t c, double* part1, double* part2) {
-      const double shift = static_cast<double>(load(x[c * g.S]));
-      for (int64_t k = 0; k < ch.count; ++k) {
-        const int64_t n0 = k * ch.per_chunk, n1 = std::min(g.N, n0 + ch.per_chunk);
-        planar_chunk_sums(x, g, c, n0, n1, shift, part1[k], part2[k]);
-      }
-      double s1 = 0.0, s2 = 0.0;
-      for (int64_t k = 0; k < ch.count; ++k) {
-        s1 += part1[k];
-        s2 += part2[k];
-      }
-      finish_moments(shift, s1, s2, m, mean_out[c], var_out[c]);
-      forward_affine(a, c, mean_out[c], var_out[c], eps, gp, bp);
-    };
-    if (C >= at::get_num_threads() || total < kSerialBelow) {
-      // One task per channel: statistics, then normalization while the channel is in cache.
-      parallel(C, total, [&](int64_t c0, int64_t c1) {
-        std::vector<double> p1(ch.count), p2(ch.count);
-        for (int64_t c = c0; c < c1; ++c) {
-          channel_stats(c, p1.data(), p2.data());
-          planar_normalize(x, y, g, c, 0, g.N, a);
-        }
-      });
-    } else {
-      // Few channels, many threads: split each channel's reduction over chunks. The chunk
-      // partials are the same numbers the per-channel path computes, added in the same order.
-      std::vector<double> p1(C * ch.count), p2(C * ch.count);
-      parallel(C * ch.count, total, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t c = i / ch.count, k = i % ch.count;
-          const int64_t n0 = k * ch.per_chunk, n1 = std::min(g.N, n0 + ch.per_chunk);
-          const double shift = static_cast<double>(load(x[c * g.S]));
-          planar_chunk_sums(x, g, c, n0, n1, shift, p1[i], p2[i]);
-        }
-      });
-      for (int64_t c = 0; c < C; ++c) {
-        const double shift = static_cast<double>(load(x[c * g.S]));
-        double s1 = 0.0, s2 = 0.0;
-        for (int64_t k = 0; k < ch.count; ++k) {
-          s1 += p1[c * ch.count + k];
-          s2 += p2[c * ch.count + k];
-        }
-        finish_moments(shift, s1, s2, m, mean_out[c], var_out[c]);
-        forward_affine(a, c, mean_out[c], var_out[c], eps, gp, bp);
-      }
-      parallel(C * ch.count, total, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t c = i / ch.count, k = i % ch.count;
-          const int64_t n0 = k * ch.per_chunk, n1 = std::min(g.N, n0 + ch.per_chunk);
-          planar_normalize(x, y, g, c, n0, n1, a);
-        }
-      });
-    }
-  } else {
-    const Chunking ch = row_chunks(g);
-    std::vector<double> buf((2 * ch.count + 1) * C, 0.0);
-    double* shift = buf.data();
-    double* p1 = shift + C;
-    double* p2 = p1 + ch.count * C;
-    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<double>(load(x[c]));
-    parallel(ch.count, total, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t r0 = k * ch.per_chunk, r1 = std::min(g.rows(), r0 + ch.per_chunk);
-        row_chunk_sums(x, g, r0, r1, shift, &p1[k * C], &p2[k * C]);
-      }
-    });
-    for (int64_t c = 0; c < C; ++c) {
-      double s1 = 0.0, s2 = 0.0;
-      for (int64_t k = 0; k < ch.count; ++k) {
-        s1 += p1[k * C + c];
-        s2 += p2[k * C + c];
-      }
-      finish_moments(shift[c], s1, s2, m, mean_out[c], var_out[c]);
-      forward_affine(a, c, mean_out[c], var_out[c], eps, gp, bp);
-    }
-    parallel(ch.count, total, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t r0 = k * ch.per_chunk, r1 = std::min(g.rows(), r0 + ch.per_chunk);
-        rows_normalize(x, y, g, r0, r1, a);
-      }
-    });
-  }
-}
-
-// ----------------------------------------------------------------------------------------------
-// Backward:  dx = k1 * g - (k2 * (x - mean) + k3),  k1 = γ·inv,  k2 = γ·inv³·Σg(x-mean)/m,
-//            k3 = γ·inv·Σg/m;   dγ = inv · Σ g (x - mean),  dβ = Σ g.
-
-template <typename T>
-inline void planar_grad_sums(const T* __restrict gy, const T* __restrict x, const Geometry& g,
-                             int64_t c, int64_t n0, int64_t n1, double& out1, double& out2,
-                             typename Compute<T>::type mh,
-                             typename Compute<T>::type ml) {
+inline void planar_sums_g(const T* __restrict gy, const T* __restrict x, const Geometry& g,
+                          int64_t c, int64_t n0, int64_t n1, typename Compute<T>::type mh,
+                          typename Compute<T>::type ml, double& out1, double& out2) {
   using A = typename Compute<T>::type;
   double a1 = 0.0, a2 = 0.0;
   for (int64_t n = n0; n < n1; ++n) {
@@ -393,8 +276,8 @@ inline void planar_grad_sums(const T* __restrict gy, const T* __restrict x, cons
     const T* __restrict px = x + off;
 #pragma omp simd reduction(+ : a1, a2)
     for (int64_t s = 0; s < g.S; ++s) {
-      A gv = load(pg[s]);
-      A cx = (load(px[s]) - mh) - ml;
+      const A gv = load(pg[s]);
+      const A cx = (load(px[s]) - mh) - ml;
       a1 += static_cast<double>(gv);
       a2 += static_cast<double>(gv * cx);
     }
@@ -403,10 +286,28 @@ inline void planar_grad_sums(const T* __restrict gy, const T* __restrict x, cons
   out2 = a2;
 }
 
+// Per channel Σd, Σd² over rows [r0, r1), added into s1[C], s2[C].
 template <typename T>
-inline void row_grad_sums(const T* __restrict gy, const T* __restrict x, const Geometry& g,
-                          int64_t r0, int64_t r1, const ChannelAffine<T>& a,
-                          double* __restrict s1, double* __restrict s2) {
+inline void rows_sums_x(const T* __restrict x, const Geometry& g, int64_t r0, int64_t r1,
+                        const double* __restrict shift, double* __restrict s1,
+                        double* __restrict s2) {
+  const int64_t C = g.C;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* __restrict p = x + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const double d = static_cast<double>(load(p[c])) - shift[c];
+      s1[c] += d;
+      s2[c] += d * d;
+    }
+  }
+}
+
+// Per channel Σg, Σg(x - mean) over rows [r0, r1), added into s1[C], s2[C].
+template <typename T>
+inline void rows_sums_g(const T* __restrict gy, const T* __restrict x, const Geometry& g,
+                        int64_t r0, int64_t r1, const ChannelAffine<T>& a, double* __restrict s1,
+                        double* __restrict s2) {
   using A = typename Compute<T>::type;
   const int64_t C = g.C;
   const A* __restrict mh = a.mean_hi;
@@ -416,18 +317,52 @@ inline void row_grad_sums(const T* __restrict gy, const T* __restrict x, const G
     const T* __restrict px = x + r * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      A gv = load(pg[c]);
-      A cx = (load(px[c]) - mh[c]) - ml[c];
+      const A gv = load(pg[c]);
+      const A cx = (load(px[c]) - mh[c]) - ml[c];
       s1[c] += static_cast<double>(gv);
       s2[c] += static_cast<double>(gv * cx);
     }
   }
 }
 
+// ----------------------------------------------------------------------------------------------
+// The elementwise passes.
+
 template <typename T>
-inline void planar_grad_input(const T* __restrict gy, const T* __restrict x, T* __restrict dx,
-                              const Geometry& g, int64_t c, int64_t n0, int64_t n1,
-                              const ChannelAffine<T>& a) {
+inline void planar_forward(const T* __restrict x, T* __restrict y, const Geometry& g, int64_t c,
+                           int64_t n0, int64_t n1, const ChannelAffine<T>& a) {
+  using A = typename Compute<T>::type;
+  const A mh = a.mean_hi[c], ml = a.mean_lo[c], k1 = a.k1[c], k3 = a.k3[c];
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t off = (n * g.C + c) * g.S;
+    const T* __restrict p = x + off;
+    T* __restrict q = y + off;
+#pragma omp simd
+    for (int64_t s = 0; s < g.S; ++s) store(q + s, ((load(p[s]) - mh) - ml) * k1 + k3);
+  }
+}
+
+template <typename T>
+inline void rows_forward(const T* __restrict x, T* __restrict y, const Geometry& g, int64_t r0,
+                         int64_t r1, const ChannelAffine<T>& a) {
+  using A = typename Compute<T>::type;
+  const int64_t C = g.C;
+  const A* __restrict mh = a.mean_hi;
+  const A* __restrict ml = a.mean_lo;
+  const A* __restrict k1 = a.k1;
+  const A* __restrict k3 = a.k3;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* __restrict p = x + r * C;
+    T* __restrict q = y + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) store(q + c, ((load(p[c]) - mh[c]) - ml[c]) * k1[c] + k3[c]);
+  }
+}
+
+template <typename T>
+inline void planar_backward(const T* __restrict gy, const T* __restrict x, T* __restrict dx,
+                            const Geometry& g, int64_t c, int64_t n0, int64_t n1,
+                            const ChannelAffine<T>& a) {
   using A = typename Compute<T>::type;
   const A mh = a.mean_hi[c], ml = a.mean_lo[c], k1 = a.k1[c], k2 = a.k2[c], k3 = a.k3[c];
   for (int64_t n = n0; n < n1; ++n) {
@@ -437,15 +372,15 @@ inline void planar_grad_input(const T* __restrict gy, const T* __restrict x, T* 
     T* __restrict q = dx + off;
 #pragma omp simd
     for (int64_t s = 0; s < g.S; ++s) {
-      A cx = (load(px[s]) - mh) - ml;
+      const A cx = (load(px[s]) - mh) - ml;
       store(q + s, k1 * load(pg[s]) - (k2 * cx + k3));
     }
   }
 }
 
 template <typename T>
-inline void rows_grad_input(const T* __restrict gy, const T* __restrict x, T* __restrict dx,
-                            const Geometry& g, int64_t r0, int64_t r1, const ChannelAffine<T>& a) {
+inline void rows_backward(const T* __restrict gy, const T* __restrict x, T* __restrict dx,
+                          const Geometry& g, int64_t r0, int64_t r1, const ChannelAffine<T>& a) {
   using A = typename Compute<T>::type;
   const int64_t C = g.C;
   const A* __restrict mh = a.mean_hi;
@@ -459,129 +394,221 @@ inline void rows_grad_input(const T* __restrict gy, const T* __restrict x, T* __
     T* __restrict q = dx + r * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      A cx = (load(px[c]) - mh[c]) - ml[c];
+      const A cx = (load(px[c]) - mh[c]) - ml[c];
       store(q + c, k1[c] * load(pg[c]) - (k2[c] * cx + k3[c]));
     }
   }
 }
 
-template <typename T>
-void backward_affine(ChannelAffine<T>& a, int64_t c, double inv, double s1, double s2, double m,
-                     const ParamView& gamma) {
-  using A = typename Compute<T>::type;
-  const double gm = gamma ? gamma[c] : 1.0;
-  a.k1[c] = static_cast<A>(gm * inv);
-  a.k2[c] = static_cast<A>(gm * inv * inv * inv * s2 / m);
-  a.k3[c] = static_cast<A>(gm * inv * s1 / m);
-}
+// ----------------------------------------------------------------------------------------------
+// Drivers: a per-channel reduction, a per-channel finish, and optionally an elementwise pass.
+//
+// Planar: `sums(c, n0, n1, s1, s2)` reduces one chunk of channel c; `finish(c, s1, s2)` sees the
+// chunk partials added in chunk order; `apply(c, n0, n1)` is the elementwise pass. With at least
+// as many channels as threads, each channel's task runs sums, finish and apply back to back while
+// the channel is in cache. Otherwise the chunks of all channels are reduced in parallel, finished,
+// and the pass runs in parallel over chunks. Either way the same numbers are added in the same
+// order, so results do not depend on the thread count.
 
-template <typename T>
-void backward_kernel(const Tensor& gy_t, const Tensor& x_t, Tensor* dx_t, const Geometry& g,
-                     const double* mean, const double* inv, const ParamView& gp, double* sum_g,
-                     double* sum_gc) {
-  const T* gy = gy_t.const_data_ptr<T>();
-  const T* x = x_t.const_data_ptr<T>();
-  T* dx = dx_t ? dx_t->mutable_data_ptr<T>() : nullptr;
+template <typename Sums, typename Finish, typename Apply>
+void planar_driver(const Geometry& g, const Sums& sums, const Finish& finish, const Apply& apply,
+                   bool has_apply) {
+  const Chunking ch = chunking(g);
   const int64_t C = g.C;
-  const double m = static_cast<double>(g.m);
-  ChannelAffine<T> a(C);
-  for (int64_t c = 0; c < C; ++c) split(mean[c], a.mean_hi[c], a.mean_lo[c]);
-  const int64_t total = g.m * C;
-
-  if (g.layout == Layout::Planar) {
-    const Chunking ch = planar_chunks(g);
-    auto chunk_sums = [&](int64_t c, int64_t k, double& o1, double& o2) {
-      const int64_t n0 = k * ch.per_chunk, n1 = std::min(g.N, n0 + ch.per_chunk);
-      planar_grad_sums(gy, x, g, c, n0, n1, o1, o2, a.mean_hi[c], a.mean_lo[c]);
-    };
-    if (C >= at::get_num_threads() || total < kSerialBelow) {
-      parallel(C, total, [&](int64_t c0, int64_t c1) {
-        std::vector<double> p1(ch.count), p2(ch.count);
-        for (int64_t c = c0; c < c1; ++c) {
-          for (int64_t k = 0; k < ch.count; ++k) chunk_sums(c, k, p1[k], p2[k]);
-          double s1 = 0.0, s2 = 0.0;
-          for (int64_t k = 0; k < ch.count; ++k) {
-            s1 += p1[k];
-            s2 += p2[k];
-          }
-          sum_g[c] = s1;
-          sum_gc[c] = s2;
-          backward_affine(a, c, inv[c], s1, s2, m, gp);
-          if (dx) planar_grad_input(gy, x, dx, g, c, 0, g.N, a);
+  auto chunk_range = [&](int64_t k, int64_t& n0, int64_t& n1) {
+    n0 = k * ch.per;
+    n1 = std::min(g.N, n0 + ch.per);
+  };
+  if (C >= at::get_num_threads() || g.total() < kSerialBelow) {
+    parallel(C, g.total(), [&](int64_t c0, int64_t c1) {
+      std::vector<double> part(2 * ch.count);
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t k = 0; k < ch.count; ++k) {
+          int64_t n0, n1;
+          chunk_range(k, n0, n1);
+          sums(c, n0, n1, part[2 * k], part[2 * k + 1]);
         }
-      });
-    } else {
-      std::vector<double> p1(C * ch.count), p2(C * ch.count);
-      parallel(C * ch.count, total, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) chunk_sums(i / ch.count, i % ch.count, p1[i], p2[i]);
-      });
-      for (int64_t c = 0; c < C; ++c) {
         double s1 = 0.0, s2 = 0.0;
         for (int64_t k = 0; k < ch.count; ++k) {
-          s1 += p1[c * ch.count + k];
-          s2 += p2[c * ch.count + k];
+          s1 += part[2 * k];
+          s2 += part[2 * k + 1];
         }
-        sum_g[c] = s1;
-        sum_gc[c] = s2;
-        backward_affine(a, c, inv[c], s1, s2, m, gp);
-      }
-      if (dx) {
-        parallel(C * ch.count, total, [&](int64_t i0, int64_t i1) {
-          for (int64_t i = i0; i < i1; ++i) {
-            const int64_t c = i / ch.count, k = i % ch.count;
-            const int64_t n0 = k * ch.per_chunk, n1 = std::min(g.N, n0 + ch.per_chunk);
-            planar_grad_input(gy, x, dx, g, c, n0, n1, a);
-          }
-        });
-      }
-    }
-  } else {
-    const Chunking ch = row_chunks(g);
-    std::vector<double> buf(2 * ch.count * C, 0.0);
-    double* p1 = buf.data();
-    double* p2 = p1 + ch.count * C;
-    parallel(ch.count, total, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t r0 = k * ch.per_chunk, r1 = std::min(g.rows(), r0 + ch.per_chunk);
-        row_grad_sums(gy, x, g, r0, r1, a, &p1[k * C], &p2[k * C]);
+        finish(c, s1, s2);
+        if (has_apply) apply(c, int64_t{0}, g.N);
       }
     });
-    for (int64_t c = 0; c < C; ++c) {
-      double s1 = 0.0, s2 = 0.0;
-      for (int64_t k = 0; k < ch.count; ++k) {
-        s1 += p1[k * C + c];
-        s2 += p2[k * C + c];
-      }
-      sum_g[c] = s1;
-      sum_gc[c] = s2;
-      backward_affine(a, c, inv[c], s1, s2, m, gp);
-    }
-    if (dx) {
-      parallel(ch.count, total, [&](int64_t k0, int64_t k1) {
-        for (int64_t k = k0; k < k1; ++k) {
-          const int64_t r0 = k * ch.per_chunk, r1 = std::min(g.rows(), r0 + ch.per_chunk);
-          rows_grad_input(gy, x, dx, g, r0, r1, a);
-        }
-      });
-    }
+    return;
   }
+  const int64_t items = C * ch.count;
+  std::vector<double> part(2 * items);
+  parallel(items, g.total(), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      int64_t n0, n1;
+      chunk_range(i % ch.count, n0, n1);
+      sums(i / ch.count, n0, n1, part[2 * i], part[2 * i + 1]);
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double s1 = 0.0, s2 = 0.0;
+    for (int64_t k = 0; k < ch.count; ++k) {
+      s1 += part[2 * (c * ch.count + k)];
+      s2 += part[2 * (c * ch.count + k) + 1];
+    }
+    finish(c, s1, s2);
+  }
+  if (!has_apply) return;
+  parallel(items, g.total(), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      int64_t n0, n1;
+      chunk_range(i % ch.count, n0, n1);
+      apply(i / ch.count, n0, n1);
+    }
+  });
+}
+
+// Rows: `sums(r0, r1, s1, s2)` adds one chunk of rows into per-channel arrays s1[C], s2[C];
+// `finish(c, s1, s2)` sees the chunk partials added in chunk order; `apply(r0, r1)` is the pass.
+template <typename Sums, typename Finish, typename Apply>
+void rows_driver(const Geometry& g, const Sums& sums, const Finish& finish, const Apply& apply,
+                 bool has_apply) {
+  const Chunking ch = chunking(g);
+  const int64_t C = g.C;
+  std::vector<double> part(2 * ch.count * C, 0.0);
+  parallel(ch.count, g.total(), [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t r0 = k * ch.per, r1 = std::min(g.rows(), r0 + ch.per);
+      sums(r0, r1, &part[2 * k * C], &part[(2 * k + 1) * C]);
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double s1 = 0.0, s2 = 0.0;
+    for (int64_t k = 0; k < ch.count; ++k) {
+      s1 += part[2 * k * C + c];
+      s2 += part[(2 * k + 1) * C + c];
+    }
+    finish(c, s1, s2);
+  }
+  if (!has_apply) return;
+  parallel(ch.count, g.total(), [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t r0 = k * ch.per, r1 = std::min(g.rows(), r0 + ch.per);
+      apply(r0, r1);
+    }
+  });
+}
+
+inline void finish_moments(double shift, double s1, double s2, double m, double& mean,
+                           double& var) {
+  mean = shift + s1 / m;
+  const double v = (s2 - s1 * (s1 / m)) / m;  // Alg. 1: biased variance
+  var = v < 0.0 ? 0.0 : v;  // clamp rounding below zero; a NaN stays NaN (std::max would drop it)
 }
 
 // ----------------------------------------------------------------------------------------------
-// Layout detection.
+// The kernels, per dtype.
 
-// Returns the geometry and the tensor to read (x itself unless it had to be made contiguous).
-std::pair<Geometry, Tensor> geometry_of(const Tensor& x) {
-  TORCH_CHECK(x.dim() >= 2, "batchnorm: expected an input of shape (N, C, ...), got ", x.sizes());
-  const int64_t N = x.size(0), C = x.size(1);
-  const int64_t S = C == 0 || N == 0 ? 0 : x.numel() / (N * C);
-  if (S == 1 && x.is_contiguous()) return {{Layout::Rows, N, C, 1, N}, x};
-  if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast))
-    return {{Layout::Rows, N, C, S, N * S}, x};
-  if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d))
-    return {{Layout::Rows, N, C, S, N * S}, x};
-  Tensor xc = x.contiguous();
-  return {{S == 1 ? Layout::Rows : Layout::Planar, N, C, S, N * S}, xc};
+// Statistics (Alg. 1: μ_B, biased σ²_B), and when `a` and `y` are given also y = BN(x).
+template <typename T>
+void forward_kernel(const T* x, T* y, const Geometry& g, double* mean, double* var,
+                    ChannelAffine<T>* a, double eps, const ParamView& gamma,
+                    const ParamView& beta) {
+  const double m = static_cast<double>(g.m);
+  const bool apply = y != nullptr;
+  auto finish = [&](int64_t c, double s1, double s2, double shift) {
+    finish_moments(shift, s1, s2, m, mean[c], var[c]);
+    if (apply) a->forward_constants(c, mean[c], var[c], eps, gamma, beta);
+  };
+  if (g.layout == Layout::Planar) {
+    planar_driver(
+        g,
+        [&](int64_t c, int64_t n0, int64_t n1, double& s1, double& s2) {
+          planar_sums_x(x, g, c, n0, n1, static_cast<double>(load(x[c * g.S])), s1, s2);
+        },
+        [&](int64_t c, double s1, double s2) {
+          finish(c, s1, s2, static_cast<double>(load(x[c * g.S])));
+        },
+        [&](int64_t c, int64_t n0, int64_t n1) { planar_forward(x, y, g, c, n0, n1, *a); }, apply);
+  } else {
+    std::vector<double> shift(g.C);
+    for (int64_t c = 0; c < g.C; ++c) shift[c] = static_cast<double>(load(x[c]));
+    rows_driver(
+        g,
+        [&](int64_t r0, int64_t r1, double* s1, double* s2) {
+          rows_sums_x(x, g, r0, r1, shift.data(), s1, s2);
+        },
+        [&](int64_t c, double s1, double s2) { finish(c, s1, s2, shift[c]); },
+        [&](int64_t r0, int64_t r1) { rows_forward(x, y, g, r0, r1, *a); }, apply);
+  }
+}
+
+// y = BN(x) with given per-channel constants (normalize with statistics from elsewhere).
+template <typename T>
+void apply_forward(const T* x, T* y, const Geometry& g, const ChannelAffine<T>& a) {
+  const Chunking ch = chunking(g);
+  if (g.layout == Layout::Planar) {
+    parallel(g.C * ch.count, g.total(), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t n0 = (i % ch.count) * ch.per;
+        planar_forward(x, y, g, i / ch.count, n0, std::min(g.N, n0 + ch.per), a);
+      }
+    });
+  } else {
+    parallel(ch.count, g.total(), [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k)
+        rows_forward(x, y, g, k * ch.per, std::min(g.rows(), (k + 1) * ch.per), a);
+    });
+  }
+}
+
+// Σg and Σg(x - mean) per channel; when `dx` is given also dx from those sums over m values
+// (the local backward). `a` holds the mean split and receives the backward constants.
+template <typename T>
+void backward_kernel(const T* gy, const T* x, T* dx, const Geometry& g, const double* mean,
+                     const double* inv, ChannelAffine<T>& a, const ParamView& gamma,
+                     double* sum_g, double* sum_gc) {
+  const double m = static_cast<double>(g.m);
+  const bool apply = dx != nullptr;
+  for (int64_t c = 0; c < g.C; ++c) a.set_mean(c, mean[c]);
+  auto finish = [&](int64_t c, double s1, double s2) {
+    sum_g[c] = s1;
+    sum_gc[c] = s2;
+    if (apply) a.backward_constants(c, mean[c], inv[c], s1, s2, m, gamma);
+  };
+  if (g.layout == Layout::Planar) {
+    planar_driver(
+        g,
+        [&](int64_t c, int64_t n0, int64_t n1, double& s1, double& s2) {
+          planar_sums_g(gy, x, g, c, n0, n1, a.mean_hi[c], a.mean_lo[c], s1, s2);
+        },
+        finish,
+        [&](int64_t c, int64_t n0, int64_t n1) { planar_backward(gy, x, dx, g, c, n0, n1, a); },
+        apply);
+  } else {
+    rows_driver(
+        g,
+        [&](int64_t r0, int64_t r1, double* s1, double* s2) {
+          rows_sums_g(gy, x, g, r0, r1, a, s1, s2);
+        },
+        finish, [&](int64_t r0, int64_t r1) { rows_backward(gy, x, dx, g, r0, r1, a); }, apply);
+  }
+}
+
+template <typename T>
+void apply_backward(const T* gy, const T* x, T* dx, const Geometry& g, const ChannelAffine<T>& a) {
+  const Chunking ch = chunking(g);
+  if (g.layout == Layout::Planar) {
+    parallel(g.C * ch.count, g.total(), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t n0 = (i % ch.count) * ch.per;
+        planar_backward(gy, x, dx, g, i / ch.count, n0, std::min(g.N, n0 + ch.per), a);
+      }
+    });
+  } else {
+    parallel(ch.count, g.total(), [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k)
+        rows_backward(gy, x, dx, g, k * ch.per, std::min(g.rows(), (k + 1) * ch.per), a);
+    });
+  }
 }
 
 #define BN_DISPATCH(TYPE, NAME, ...) \
@@ -593,7 +620,8 @@ std::pair<Geometry, Tensor> geometry_of(const Tensor& x) {
 // Adds one to a 0-dim int64 CPU counter in place; returns its old value. (No ATen op: this runs
 // on every training step and a dispatch costs more than the arithmetic.)
 int64_t bump(const Tensor& counter) {
-  TORCH_CHECK(counter.numel() == 1 && counter.scalar_type() == at::kLong && counter.device().is_cpu(),
+  TORCH_CHECK(counter.numel() == 1 && counter.scalar_type() == at::kLong &&
+                  counter.device().is_cpu(),
               "batchnorm: counters must be int64 CPU scalars, got ", counter.scalar_type(), " ",
               counter.sizes());
   int64_t* p = counter.mutable_data_ptr<int64_t>();
@@ -614,10 +642,10 @@ void update_running_stats(const double* mean, const double* var, int64_t C, int6
   if (!has_mean && !has_var) return;
   if (guard) {
     bool finite = true;
-    for (int64_t c = 0; c < C && finite; ++c) finite = std::isfinite(mean[c]) && std::isfinite(var[c]);
+    for (int64_t c = 0; c < C && finite; ++c)
+      finite = std::isfinite(mean[c]) && std::isfinite(var[c]);
     if (!finite) {
-      // The caller (Python) sees the counter move and warns; C++ warnings do not reach Python's
-      // `warnings` through torch.ops.
+      // Python sees the counter move and warns (C++ warnings do not reach Python's `warnings`).
       if (nonfinite_count.has_value() && nonfinite_count->defined()) bump(*nonfinite_count);
       return;
     }
@@ -651,7 +679,7 @@ void update_running_stats(const double* mean, const double* var, int64_t C, int6
 }
 
 // ----------------------------------------------------------------------------------------------
-// The CPU kernels of the ops.
+// CPU kernels of the ops.
 
 std::tuple<Tensor, Tensor, Tensor> train_forward_cpu(
     const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
@@ -670,30 +698,14 @@ std::tuple<Tensor, Tensor, Tensor> train_forward_cpu(
   Tensor mean = at::empty({g.C}, opts);
   Tensor var = at::empty({g.C}, opts);
   BN_DISPATCH(x.scalar_type(), "batchnorm_train_forward", [&] {
-    forward_kernel<scalar_t>(x, y, g, eps, gamma, beta, mean.data_ptr<double>(),
-                             var.data_ptr<double>());
+    ChannelAffine<scalar_t> a(g.C);
+    forward_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), g,
+                             mean.data_ptr<double>(), var.data_ptr<double>(), &a, eps, gamma,
+                             beta);
   });
   update_running_stats(mean.data_ptr<double>(), var.data_ptr<double>(), g.C, g.m, running_mean,
                        running_var, num_batches_tracked, nonfinite_count, momentum, guard);
   return {y, mean, var};
-}
-
-// A per-channel float64 vector as a raw pointer, converting only if it is not one already.
-const double* as_double_vector(const Tensor& t, int64_t C, Tensor& holder, const char* what) {
-  TORCH_CHECK(t.numel() == C, "batchnorm: expected ", what, " to have ", C, " values, got shape ",
-              t.sizes());
-  holder = (t.scalar_type() == at::kDouble && t.is_contiguous()) ? t : t.to(at::kDouble).contiguous();
-  return holder.const_data_ptr<double>();
-}
-
-// Writes v[c] (double) into a new per-channel tensor of the given dtype.
-Tensor per_channel_tensor(const std::vector<double>& v, const at::TensorOptions& opts) {
-  Tensor out = at::empty({static_cast<int64_t>(v.size())}, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "bn_param_grad", [&] {
-    scalar_t* p = out.mutable_data_ptr<scalar_t>();
-    for (size_t c = 0; c < v.size(); ++c) p[c] = static_cast<scalar_t>(v[c]);
-  });
-  return out;
 }
 
 std::tuple<Tensor, Tensor, Tensor> train_backward_cpu(const Tensor& grad_out,
@@ -702,38 +714,107 @@ std::tuple<Tensor, Tensor, Tensor> train_backward_cpu(const Tensor& grad_out,
                                                       const std::optional<Tensor>& weight,
                                                       double eps, std::array<bool, 3> mask) {
   auto [g, x] = geometry_of(input);
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), "batchnorm: grad_output has shape ",
-              grad_out.sizes(), " but the input had shape ", input.sizes());
-  // Read the gradient in the same layout and dtype as x (no copy when it already is).
-  at::MemoryFormat fmt = at::MemoryFormat::Contiguous;
-  if (g.layout == Layout::Rows && g.S > 1)
-    fmt = x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
-  Tensor gy = grad_out.scalar_type() == x.scalar_type() ? grad_out : grad_out.to(x.scalar_type());
-  if (!gy.is_contiguous(fmt)) gy = gy.contiguous(fmt);
+  Tensor gy = like_input(grad_out, x, g);
   const ParamView gamma = param_view(weight, g.C, "weight");
   Tensor mean_holder, var_holder;
-  const double* mean_p = as_double_vector(mean, g.C, mean_holder, "mean");
-  const double* var_p = as_double_vector(var, g.C, var_holder, "var");
+  const double* mean_p = double_vector(mean, g.C, mean_holder, "mean");
+  const double* var_p = double_vector(var, g.C, var_holder, "var");
   std::vector<double> inv(g.C), sum_g(g.C), sum_gc(g.C);
   for (int64_t c = 0; c < g.C; ++c) inv[c] = 1.0 / std::sqrt(var_p[c] + eps);
   Tensor dx = mask[0] ? at::empty_like(x) : Tensor();
   BN_DISPATCH(x.scalar_type(), "batchnorm_train_backward", [&] {
-    backward_kernel<scalar_t>(gy, x, mask[0] ? &dx : nullptr, g, mean_p, inv.data(), gamma,
-                              sum_g.data(), sum_gc.data());
+    ChannelAffine<scalar_t> a(g.C);
+    backward_kernel<scalar_t>(gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                              mask[0] ? dx.mutable_data_ptr<scalar_t>() : nullptr, g, mean_p,
+                              inv.data(), a, gamma, sum_g.data(), sum_gc.data());
   });
   Tensor dw, db;
-  const auto param_opts =
-      input.options().dtype(gamma ? gamma.type : input.scalar_type());
+  const auto param_opts = input.options().dtype(gamma ? gamma.type : input.scalar_type());
   if (mask[1]) {
     for (int64_t c = 0; c < g.C; ++c) sum_gc[c] *= inv[c];  // dl/dgamma = Σ g x̂
-    dw = per_channel_tensor(sum_gc, param_opts);
+    dw = per_channel_tensor(sum_gc.data(), g.C, param_opts);
   }
-  if (mask[2]) db = per_channel_tensor(sum_g, param_opts);  // dl/dbeta = Σ g
+  if (mask[2]) db = per_channel_tensor(sum_g.data(), g.C, param_opts);  // dl/dbeta = Σ g
   return {dx, dw, db};
 }
 
+std::tuple<Tensor, Tensor> moments_cpu(const Tensor& input) {
+  auto [g, x] = geometry_of(input);
+  TORCH_CHECK(g.m > 0, "batchnorm: moments of an input with no values per channel: ",
+              input.sizes());
+  auto opts = input.options().dtype(at::kDouble);
+  Tensor mean = at::empty({g.C}, opts);
+  Tensor var = at::empty({g.C}, opts);
+  BN_DISPATCH(x.scalar_type(), "batchnorm_moments", [&] {
+    forward_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), nullptr, g, mean.data_ptr<double>(),
+                             var.data_ptr<double>(), nullptr, 0.0, ParamView(), ParamView());
+  });
+  return {mean, var};
+}
+
+Tensor normalize_cpu(const Tensor& input, const Tensor& mean, const Tensor& var,
+                     const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                     double eps) {
+  auto [g, x] = geometry_of(input);
+  const ParamView gamma = param_view(weight, g.C, "weight");
+  const ParamView beta = param_view(bias, g.C, "bias");
+  Tensor mh, vh;
+  const double* mean_p = double_vector(mean, g.C, mh, "mean");
+  const double* var_p = double_vector(var, g.C, vh, "var");
+  Tensor y = at::empty_like(x);
+  BN_DISPATCH(x.scalar_type(), "batchnorm_normalize", [&] {
+    ChannelAffine<scalar_t> a(g.C);
+    for (int64_t c = 0; c < g.C; ++c) a.forward_constants(c, mean_p[c], var_p[c], eps, gamma, beta);
+    apply_forward<scalar_t>(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), g, a);
+  });
+  return y;
+}
+
+std::tuple<Tensor, Tensor> backward_reduce_cpu(const Tensor& grad_out, const Tensor& input,
+                                               const Tensor& mean) {
+  auto [g, x] = geometry_of(input);
+  Tensor gy = like_input(grad_out, x, g);
+  Tensor mh;
+  const double* mean_p = double_vector(mean, g.C, mh, "mean");
+  auto opts = input.options().dtype(at::kDouble);
+  Tensor sum_g = at::empty({g.C}, opts);
+  Tensor sum_gc = at::empty({g.C}, opts);
+  BN_DISPATCH(x.scalar_type(), "batchnorm_backward_reduce", [&] {
+    ChannelAffine<scalar_t> a(g.C);
+    backward_kernel<scalar_t>(gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), nullptr,
+                              g, mean_p, nullptr, a, ParamView(), sum_g.data_ptr<double>(),
+                              sum_gc.data_ptr<double>());
+  });
+  return {sum_g, sum_gc};
+}
+
+Tensor backward_elementwise_cpu(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
+                                const Tensor& var, const std::optional<Tensor>& weight,
+                                const Tensor& sum_g, const Tensor& sum_gc, int64_t count,
+                                double eps) {
+  auto [g, x] = geometry_of(input);
+  TORCH_CHECK(count > 0, "batchnorm: backward_elementwise needs a positive count, got ", count);
+  Tensor gy = like_input(grad_out, x, g);
+  const ParamView gamma = param_view(weight, g.C, "weight");
+  Tensor h1, h2, h3, h4;
+  const double* mean_p = double_vector(mean, g.C, h1, "mean");
+  const double* var_p = double_vector(var, g.C, h2, "var");
+  const double* sg = double_vector(sum_g, g.C, h3, "sum_g");
+  const double* sgc = double_vector(sum_gc, g.C, h4, "sum_gc");
+  Tensor dx = at::empty_like(x);
+  BN_DISPATCH(x.scalar_type(), "batchnorm_backward_elementwise", [&] {
+    ChannelAffine<scalar_t> a(g.C);
+    for (int64_t c = 0; c < g.C; ++c)
+      a.backward_constants(c, mean_p[c], 1.0 / std::sqrt(var_p[c] + eps), sg[c], sgc[c],
+                           static_cast<double>(count), gamma);
+    apply_backward<scalar_t>(gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                             dx.mutable_data_ptr<scalar_t>(), g, a);
+  });
+  return dx;
+}
+
 // ----------------------------------------------------------------------------------------------
-// Autograd.
+// Autograd of train_forward.
 
 // (dl/dx, dl/dγ, dl/dβ) in differentiable ATen ops with the statistics recomputed from x: the
 // graph of the backward itself, for double backward.
@@ -793,8 +874,7 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
     auto [y, mean, var] = call_train_forward(input, weight, bias, running_mean, running_var,
                                              num_batches_tracked, nonfinite_count, momentum, eps,
                                              guard);
-    Tensor w = weight.has_value() ? *weight : Tensor();
-    ctx->save_for_backward({input, w, mean, var});
+    ctx->save_for_backward({input, weight.has_value() ? *weight : Tensor(), mean, var});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->mark_non_differentiable({mean, var});
@@ -807,8 +887,8 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
     const Tensor &x = saved[0], &w = saved[1], &mean = saved[2], &var = saved[3];
     const double eps = ctx->saved_data["eps"].toDouble();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    Tensor gy = grads[0];
-    torch::autograd::variable_list out(11);
+    torch::autograd::variable_list out(10);
+    const Tensor& gy = grads[0];
     if (!gy.defined()) return out;
     const bool need_x = ctx->needs_input_grad(0);
     const bool need_w = w.defined() && ctx->needs_input_grad(1);
@@ -819,10 +899,9 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
       if (need_w) dw = dw.to(w.scalar_type());
       if (need_b) db = db.to(w.defined() ? w.scalar_type() : db.scalar_type());
     } else {
-      std::tie(dx, dw, db) = call_train_backward(gy, x, mean, var,
-                                                 w.defined() ? std::optional<Tensor>(w)
-                                                             : std::nullopt,
-                                                 eps, {need_x, need_w, need_b});
+      std::tie(dx, dw, db) = call_train_backward(
+          gy, x, mean, var, w.defined() ? std::optional<Tensor>(w) : std::nullopt, eps,
+          {need_x, need_w, need_b});
     }
     out[0] = need_x ? dx : Tensor();
     out[1] = need_w ? dw : Tensor();
@@ -842,12 +921,14 @@ std::tuple<Tensor, Tensor, Tensor> train_forward_autograd(
   return {out[0], out[1], out[2]};
 }
 
-int64_t abi_version() { return 1; }
+int64_t abi_version() { return 2; }
 
 }  // namespace
 
-// Returns (y, mean, var, first_skip): first_skip is true when this call moved nonfinite_count
-// from 0, so the caller can warn once without reading the counter on every step.
+// The eager Python entry of train_forward: pybind11 costs about a microsecond per call where the
+// generic torch.ops path costs several. Returns (y, mean, var, first_skip): first_skip is true
+// when this call moved nonfinite_count from 0, so Python can warn once without reading the
+// counter on every step. Tracing (torch.compile, fx) uses the registered op instead.
 std::tuple<Tensor, Tensor, Tensor, bool> train_forward_entry(
     const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
@@ -873,23 +954,31 @@ TORCH_LIBRARY(batchnorm, m) {
   m.def(
       "train_backward(Tensor grad_out, Tensor input, Tensor mean, Tensor var, Tensor? weight, "
       "float eps, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def("moments(Tensor input) -> (Tensor, Tensor)");
+  m.def(
+      "normalize(Tensor input, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps) "
+      "-> Tensor");
+  m.def("backward_reduce(Tensor grad_out, Tensor input, Tensor mean) -> (Tensor, Tensor)");
+  m.def(
+      "backward_elementwise(Tensor grad_out, Tensor input, Tensor mean, Tensor var, "
+      "Tensor? weight, Tensor sum_g, Tensor sum_gc, int count, float eps) -> Tensor");
   m.def("abi_version() -> int", &abi_version);
 }
 
 TORCH_LIBRARY_IMPL(batchnorm, CPU, m) {
   m.impl("train_forward", &train_forward_cpu);
   m.impl("train_backward", &train_backward_cpu);
+  m.impl("moments", &moments_cpu);
+  m.impl("normalize", &normalize_cpu);
+  m.impl("backward_reduce", &backward_reduce_cpu);
+  m.impl("backward_elementwise", &backward_elementwise_cpu);
 }
 
-TORCH_LIBRARY_IMPL(batchnorm, Autograd, m) {
-  m.impl("train_forward", &train_forward_autograd);
-}
+TORCH_LIBRARY_IMPL(batchnorm, Autograd, m) { m.impl("train_forward", &train_forward_autograd); }
 
 }  // namespace batchnorm
 
-// A direct Python entry for eager mode: pybind11 costs about a microsecond per call where the
-// generic torch.ops path costs several. Tracing (torch.compile, fx) uses the registered op.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("train_forward", &batchnorm::train_forward_entry,
-        "Training-mode BN forward with autograd (same arguments as batchnorm::train_forward)");
+        "Training-mode BN forward with autograd: (y, mean, var, first_skip)");
 }

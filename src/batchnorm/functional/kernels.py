@@ -40,7 +40,7 @@ import torch
 __all__ = ["KernelsUnavailableWarning", "available", "cache_root", "load", "module", "status"]
 
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "batchnorm_cpu.cpp"
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": None, "reason": "", "module": None}
 
