@@ -10,12 +10,16 @@
 //     rows with per-channel accumulators, then an elementwise pass applies the result.
 //
 // Numerics (see also functional/stats.py):
-//   * statistics are shifted sums accumulated in float64: d = x - x_0 per channel, Σd and Σd², so
-//     Var = (Σd² - (Σd)²/m)/m does not cancel catastrophically for inputs like 1e4 + N(0, 1);
-//   * every reduction is split into chunks whose boundaries depend only on the shape, and chunk
-//     partials are added in a fixed order, so results do not depend on the number of threads;
-//   * x - mean is computed as (x - mean_hi) - mean_lo, where mean_hi + mean_lo is the float64 mean
-//     split into two floats: exact to float rounding even when |mean| >> std;
+//   * every reduction is split into chunks (about 16K values) whose boundaries depend only on the
+//     shape. A chunk's moments are computed in two passes while it is in L1/L2 (its mean, then
+//     sums of d = x - mean), and chunks are merged with Chan et al.'s formula in float64 in a
+//     fixed order: no E[x²] - E[x]² cancellation (inputs like 1e4 + N(0, 1) are exact to float
+//     rounding), and results do not depend on the number of threads;
+//   * inside a chunk, sums run in 64-byte vectors with several accumulators, each lane adding at
+//     most 8 values in float before flushing into float64;
+//   * x - mean is computed as x - mean_hi, mean_hi the float64 mean rounded to the compute type,
+//     and the rest (mean - mean_hi) is folded into per-channel float64 constants: exact to float
+//     rounding even when |mean| >> std;
 //   * 16-bit inputs are computed in float32; batch statistics are returned in float64.
 //
 // Ops (schemas at the bottom): the fused `train_forward` (statistics, normalization and the
@@ -204,125 +208,345 @@ Tensor per_channel_tensor(const double* v, int64_t C, const at::TensorOptions& o
   return out;
 }
 
-// Per-channel constants of the elementwise passes, in the compute type (one allocation):
-//   forward:  y  = ((x - mean_hi) - mean_lo) * k1 + k3                (k1 = γ·inv, k3 = β)
-//   backward: dx = k1 * g - (k2 * ((x - mean_hi) - mean_lo) + k3)     (see backward_constants)
+// Per-channel constants of the elementwise passes, in the compute type (one allocation). With
+// mean = mean_hi + lo (mean_hi in the compute type, lo the float64 rest):
+//   forward:  y  = (x - mean_hi) * k1 + k3,            k1 = γ·inv, k3 = β - lo·k1
+//   backward: dx = k1 * g - (k2 * (x - mean_hi) + k3)  (see backward_constants)
 template <typename T>
 struct ChannelAffine {
   using A = typename Compute<T>::type;
-  explicit ChannelAffine(int64_t C) : storage(5 * C) {
+  explicit ChannelAffine(int64_t C) : storage(4 * C) {
     mean_hi = storage.data();
-    mean_lo = mean_hi + C;
-    k1 = mean_lo + C;
+    k1 = mean_hi + C;
     k2 = k1 + C;
     k3 = k2 + C;
   }
   std::vector<A> storage;
-  A *mean_hi, *mean_lo, *k1, *k2, *k3;
+  A *mean_hi, *k1, *k2, *k3;
 
-  void set_mean(int64_t c, double mean) {
+  // Sets mean_hi[c]; returns lo = mean - mean_hi[c] in float64.
+  double set_mean(int64_t c, double mean) {
     mean_hi[c] = static_cast<A>(mean);
-    mean_lo[c] = static_cast<A>(mean - static_cast<double>(mean_hi[c]));
+    return mean - static_cast<double>(mean_hi[c]);
   }
   void forward_constants(int64_t c, double mean, double var, double eps, const ParamView& gamma,
                          const ParamView& beta) {
     const double inv = 1.0 / std::sqrt(var + eps);
-    set_mean(c, mean);
-    k1[c] = static_cast<A>(gamma ? gamma[c] * inv : inv);
-    k3[c] = static_cast<A>(beta ? beta[c] : 0.0);
+    const double lo = set_mean(c, mean);
+    const double scale = gamma ? gamma[c] * inv : inv;
+    k1[c] = static_cast<A>(scale);
+    k3[c] = static_cast<A>((beta ? beta[c] : 0.0) - lo * scale);
   }
   // dl/dx = γ·inv/m · (m g - Σg - x̂ Σg x̂) with x̂ = (x - mean)·inv and s2 = Σ g (x - mean)
   void backward_constants(int64_t c, double mean, double inv, double s1, double s2, double m,
                           const ParamView& gamma) {
     const double gm = gamma ? gamma[c] : 1.0;
-    set_mean(c, mean);
+    const double lo = set_mean(c, mean);
+    const double b2 = gm * inv * inv * inv * s2 / m;
     k1[c] = static_cast<A>(gm * inv);
-    k2[c] = static_cast<A>(gm * inv * inv * inv * s2 / m);
-    k3[c] = static_cast<A>(gm * inv * s1 / m);
+    k2[c] = static_cast<A>(b2);
+    k3[c] = static_cast<A>(gm * inv * s1 / m - b2 * lo);
   }
 };
 
 // ----------------------------------------------------------------------------------------------
 // The reductions: the only loops that sum over data.
+//
+// They use explicit 64-byte vectors (GCC/Clang vector extensions: AVX-512 here, two AVX2 halves
+// elsewhere, NEON on ARM) with several independent accumulators, so a sum runs at load speed
+// instead of waiting on one add chain. Each lane adds at most 8 values in the compute type
+// (float for float/16-bit inputs) before the block is flushed into float64 accumulators; the
+// flush and the final horizontal sums run in a fixed order.
 
-// Σd, Σd² over batch items [n0, n1) of channel c, d = x - shift.
+template <typename A>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(64)));
+  static constexpr int64_t L = 16;
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(64)));
+  static constexpr int64_t L = 8;
+};
+typedef VecOf<float>::type vf;
+typedef VecOf<double>::type vd;
+
 template <typename T>
-inline void planar_sums_x(const T* __restrict x, const Geometry& g, int64_t c, int64_t n0,
-                          int64_t n1, double shift, double& out1, double& out2) {
-  double a1 = 0.0, a2 = 0.0;
-  for (int64_t n = n0; n < n1; ++n) {
-    const T* __restrict p = x + (n * g.C + c) * g.S;
-#pragma omp simd reduction(+ : a1, a2)
-    for (int64_t s = 0; s < g.S; ++s) {
-      const double d = static_cast<double>(load(p[s])) - shift;
-      a1 += d;
-      a2 += d * d;
-    }
-  }
-  out1 = a1;
-  out2 = a2;
+using VecT = VecOf<typename Compute<T>::type>;
+
+// L consecutive elements of T, in the compute type.
+inline vf vload(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline vd vload(const double* p) {
+  vd v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline vf vload(const at::Half* p) {
+  typedef _Float16 vh __attribute__((vector_size(32)));
+  vh h;
+  std::memcpy(&h, p, sizeof(h));
+  return __builtin_convertvector(h, vf);
+}
+inline vf vload(const at::BFloat16* p) {
+  typedef uint16_t vu16 __attribute__((vector_size(32)));
+  typedef uint32_t vu32 __attribute__((vector_size(64)));
+  vu16 h;
+  std::memcpy(&h, p, sizeof(h));
+  const vu32 w = __builtin_convertvector(h, vu32) << 16;
+  vf f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
 }
 
-// Σg, Σg(x - mean) over batch items [n0, n1) of channel c.
+// acc (float64 lanes) += v (compute-type lanes), widening floats.
+inline void widen_add(vd& lo, vd& hi, const vf& v) {
+  lo += __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), vd);
+  hi += __builtin_convertvector(__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15), vd);
+}
+inline void widen_add(vd& lo, vd& /*hi*/, const vd& v) { lo += v; }
+
+// s[0..L) (float64 array) += v, widening floats.
+inline void widen_store_add(double* s, const vf& v) {
+  vd lo, hi;
+  std::memcpy(&lo, s, sizeof(lo));
+  std::memcpy(&hi, s + 8, sizeof(hi));
+  widen_add(lo, hi, v);
+  std::memcpy(s, &lo, sizeof(lo));
+  std::memcpy(s + 8, &hi, sizeof(hi));
+}
+inline void widen_store_add(double* s, const vd& v) {
+  vd a;
+  std::memcpy(&a, s, sizeof(a));
+  a += v;
+  std::memcpy(s, &a, sizeof(a));
+}
+
+inline double hsum(const vd& lo, const vd& hi) {
+  double s = 0.0;
+  for (int i = 0; i < 8; ++i) s += lo[i];
+  for (int i = 0; i < 8; ++i) s += hi[i];
+  return s;
+}
+
+// Sums over a contiguous run p[0..n) of f(i) for up to two quantities, accumulated as above.
+// `step(i, a, b)` adds the terms of the L elements at i into the vectors a and b;
+// `scalar(i, a, b)` adds the terms of element i into doubles.
+struct RunSums {
+  vd lo1{}, hi1{}, lo2{}, hi2{};
+  double t1 = 0.0, t2 = 0.0;
+  void result(double& s1, double& s2) const {
+    s1 = hsum(lo1, hi1) + t1;
+    s2 = hsum(lo2, hi2) + t2;
+  }
+};
+
+template <typename V, int64_t L, typename Step, typename Scalar>
+inline void run_sums(int64_t n, RunSums& r, const Step& step, const Scalar& scalar) {
+  int64_t i = 0;
+  while (i + 4 * L <= n) {
+    V a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
+    const int64_t end = i + std::min<int64_t>((n - i) / (4 * L), 8) * (4 * L);
+    for (; i < end; i += 4 * L) {
+      step(i, a0, b0);
+      step(i + L, a1, b1);
+      step(i + 2 * L, a2, b2);
+      step(i + 3 * L, a3, b3);
+    }
+    widen_add(r.lo1, r.hi1, (a0 + a1) + (a2 + a3));
+    widen_add(r.lo2, r.hi2, (b0 + b1) + (b2 + b3));
+  }
+  for (; i + L <= n; i += L) {
+    V a{}, b{};
+    step(i, a, b);
+    widen_add(r.lo1, r.hi1, a);
+    widen_add(r.lo2, r.hi2, b);
+  }
+  for (; i < n; ++i) scalar(i, r.t1, r.t2);
+}
+
+// Moments of one chunk of one channel, two-pass while the chunk is in L1/L2: the chunk mean,
+// then Σd and Σd² with d = x - mean_hi (no cancellation whatever the offset or the data order).
+struct ChunkMoments {
+  double mean, m2;
+};
+
 template <typename T>
-inline void planar_sums_g(const T* __restrict gy, const T* __restrict x, const Geometry& g,
-                          int64_t c, int64_t n0, int64_t n1, typename Compute<T>::type mh,
-                          typename Compute<T>::type ml, double& out1, double& out2) {
+ChunkMoments planar_chunk_moments(const T* __restrict x, const Geometry& g, int64_t c,
+                                  int64_t n0, int64_t n1) {
   using A = typename Compute<T>::type;
-  double a1 = 0.0, a2 = 0.0;
+  using V = typename VecT<T>::type;
+  constexpr int64_t L = VecT<T>::L;
+  const double count = static_cast<double>((n1 - n0) * g.S);
+  RunSums first;
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* __restrict p = x + (n * g.C + c) * g.S;
+    run_sums<V, L>(
+        g.S, first, [&](int64_t i, V& a, V&) { a += vload(p + i); },
+        [&](int64_t i, double& a, double&) { a += static_cast<double>(load(p[i])); });
+  }
+  double sx, unused;
+  first.result(sx, unused);
+  const A center = static_cast<A>(sx / count);
+  RunSums second;
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* __restrict p = x + (n * g.C + c) * g.S;
+    run_sums<V, L>(
+        g.S, second,
+        [&](int64_t i, V& a, V& b) {
+          const V d = vload(p + i) - center;
+          a += d;
+          b += d * d;
+        },
+        [&](int64_t i, double& a, double& b) {
+          const double d = static_cast<double>(load(p[i]) - center);
+          a += d;
+          b += d * d;
+        });
+  }
+  double sd, sdd;
+  second.result(sd, sdd);
+  const double m2 = sdd - sd * (sd / count);
+  return {static_cast<double>(center) + sd / count, m2 < 0.0 ? 0.0 : m2};
+}
+
+// Σg and Σg(x - mean_hi) over one chunk of one channel (the caller corrects for mean - mean_hi).
+template <typename T>
+void planar_chunk_grad_sums(const T* __restrict gy, const T* __restrict x, const Geometry& g,
+                            int64_t c, int64_t n0, int64_t n1, typename Compute<T>::type mh,
+                            double& s1, double& s2) {
+  using V = typename VecT<T>::type;
+  constexpr int64_t L = VecT<T>::L;
+  RunSums r;
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t off = (n * g.C + c) * g.S;
     const T* __restrict pg = gy + off;
     const T* __restrict px = x + off;
-#pragma omp simd reduction(+ : a1, a2)
-    for (int64_t s = 0; s < g.S; ++s) {
-      const A gv = load(pg[s]);
-      const A cx = (load(px[s]) - mh) - ml;
-      a1 += static_cast<double>(gv);
-      a2 += static_cast<double>(gv * cx);
-    }
+    run_sums<V, L>(
+        g.S, r,
+        [&](int64_t i, V& a, V& b) {
+          const V gv = vload(pg + i);
+          a += gv;
+          b += gv * (vload(px + i) - mh);
+        },
+        [&](int64_t i, double& a, double& b) {
+          const auto gv = load(pg[i]);
+          a += static_cast<double>(gv);
+          b += static_cast<double>(gv * (load(px[i]) - mh));
+        });
   }
-  out1 = a1;
-  out2 = a2;
+  r.result(s1, s2);
 }
 
-// Per channel Σd, Σd² over rows [r0, r1), added into s1[C], s2[C].
-template <typename T>
-inline void rows_sums_x(const T* __restrict x, const Geometry& g, int64_t r0, int64_t r1,
-                        const double* __restrict shift, double* __restrict s1,
-                        double* __restrict s2) {
-  const int64_t C = g.C;
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* __restrict p = x + r * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const double d = static_cast<double>(load(p[c])) - shift[c];
-      s1[c] += d;
-      s2[c] += d * d;
+// Rows layout: per-channel sums over a block of rows, vectorized across channels; each lane
+// adds at most 8 rows in the compute type before flushing into the float64 arrays.
+// `step(r, c, a, b)` adds the terms of row r, channels [c, c + L); `scalar(r, c, a, b)` one value.
+template <typename V, int64_t L, typename Step, typename Scalar>
+inline void rows_block_sums(int64_t C, int64_t r0, int64_t r1, double* __restrict s1,
+                            double* __restrict s2, const Step& step, const Scalar& scalar) {
+  for (int64_t rb = r0; rb < r1; rb += 8) {
+    const int64_t re = std::min(r1, rb + 8);
+    int64_t c = 0;
+    for (; c + 4 * L <= C; c += 4 * L) {  // four independent accumulator pairs per row
+      V a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
+      for (int64_t r = rb; r < re; ++r) {
+        step(r, c, a0, b0);
+        step(r, c + L, a1, b1);
+        step(r, c + 2 * L, a2, b2);
+        step(r, c + 3 * L, a3, b3);
+      }
+      widen_store_add(s1 + c, a0);
+      widen_store_add(s1 + c + L, a1);
+      widen_store_add(s1 + c + 2 * L, a2);
+      widen_store_add(s1 + c + 3 * L, a3);
+      widen_store_add(s2 + c, b0);
+      widen_store_add(s2 + c + L, b1);
+      widen_store_add(s2 + c + 2 * L, b2);
+      widen_store_add(s2 + c + 3 * L, b3);
+    }
+    for (; c + L <= C; c += L) {
+      V a{}, b{};
+      for (int64_t r = rb; r < re; ++r) step(r, c, a, b);
+      widen_store_add(s1 + c, a);
+      widen_store_add(s2 + c, b);
+    }
+    for (; c < C; ++c) {
+      double a = 0.0, b = 0.0;
+      for (int64_t r = rb; r < re; ++r) scalar(r, c, a, b);
+      s1[c] += a;
+      s2[c] += b;
     }
   }
 }
 
-// Per channel Σg, Σg(x - mean) over rows [r0, r1), added into s1[C], s2[C].
+// Per-channel moments of rows [r0, r1): chunk means, then centered sums (two passes over a chunk
+// that is in L1/L2). Writes mean[C] and m2[C]; `scratch` holds 2·C doubles and C compute values.
 template <typename T>
-inline void rows_sums_g(const T* __restrict gy, const T* __restrict x, const Geometry& g,
-                        int64_t r0, int64_t r1, const ChannelAffine<T>& a, double* __restrict s1,
-                        double* __restrict s2) {
+void rows_chunk_moments(const T* __restrict x, const Geometry& g, int64_t r0, int64_t r1,
+                        double* __restrict mean, double* __restrict m2, double* __restrict scratch,
+                        typename Compute<T>::type* __restrict center) {
   using A = typename Compute<T>::type;
+  using V = typename VecT<T>::type;
+  constexpr int64_t L = VecT<T>::L;
   const int64_t C = g.C;
-  const A* __restrict mh = a.mean_hi;
-  const A* __restrict ml = a.mean_lo;
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* __restrict pg = gy + r * C;
-    const T* __restrict px = x + r * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const A gv = load(pg[c]);
-      const A cx = (load(px[c]) - mh[c]) - ml[c];
-      s1[c] += static_cast<double>(gv);
-      s2[c] += static_cast<double>(gv * cx);
-    }
+  const double count = static_cast<double>(r1 - r0);
+  double* sx = scratch;
+  double* unused = scratch + C;
+  std::fill(scratch, scratch + 2 * C, 0.0);
+  rows_block_sums<V, L>(
+      C, r0, r1, sx, unused, [&](int64_t r, int64_t c, V& a, V&) { a += vload(x + r * C + c); },
+      [&](int64_t r, int64_t c, double& a, double&) { a += static_cast<double>(load(x[r * C + c])); });
+  for (int64_t c = 0; c < C; ++c) center[c] = static_cast<A>(sx[c] / count);
+  std::fill(mean, mean + C, 0.0);
+  std::fill(m2, m2 + C, 0.0);
+  rows_block_sums<V, L>(
+      C, r0, r1, mean, m2,
+      [&](int64_t r, int64_t c, V& a, V& b) {
+        V cv;
+        std::memcpy(&cv, center + c, sizeof(cv));
+        const V d = vload(x + r * C + c) - cv;
+        a += d;
+        b += d * d;
+      },
+      [&](int64_t r, int64_t c, double& a, double& b) {
+        const double d = static_cast<double>(load(x[r * C + c]) - center[c]);
+        a += d;
+        b += d * d;
+      });
+  for (int64_t c = 0; c < C; ++c) {
+    const double sd = mean[c], v = m2[c] - sd * (sd / count);
+    mean[c] = static_cast<double>(center[c]) + sd / count;
+    m2[c] = v < 0.0 ? 0.0 : v;
   }
+}
+
+// Per-channel Σg and Σg(x - mean_hi) over rows [r0, r1), added into s1[C], s2[C].
+template <typename T>
+void rows_chunk_grad_sums(const T* __restrict gy, const T* __restrict x, const Geometry& g,
+                          int64_t r0, int64_t r1, const typename Compute<T>::type* __restrict mh,
+                          double* __restrict s1, double* __restrict s2) {
+  using V = typename VecT<T>::type;
+  constexpr int64_t L = VecT<T>::L;
+  const int64_t C = g.C;
+  rows_block_sums<V, L>(
+      C, r0, r1, s1, s2,
+      [&](int64_t r, int64_t c, V& a, V& b) {
+        V h;
+        std::memcpy(&h, mh + c, sizeof(h));
+        const V gv = vload(gy + r * C + c);
+        a += gv;
+        b += gv * (vload(x + r * C + c) - h);
+      },
+      [&](int64_t r, int64_t c, double& a, double& b) {
+        const auto gv = load(gy[r * C + c]);
+        a += static_cast<double>(gv);
+        b += static_cast<double>(gv * (load(x[r * C + c]) - mh[c]));
+      });
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -332,13 +556,13 @@ template <typename T>
 inline void planar_forward(const T* __restrict x, T* __restrict y, const Geometry& g, int64_t c,
                            int64_t n0, int64_t n1, const ChannelAffine<T>& a) {
   using A = typename Compute<T>::type;
-  const A mh = a.mean_hi[c], ml = a.mean_lo[c], k1 = a.k1[c], k3 = a.k3[c];
+  const A mh = a.mean_hi[c], k1 = a.k1[c], k3 = a.k3[c];
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t off = (n * g.C + c) * g.S;
     const T* __restrict p = x + off;
     T* __restrict q = y + off;
 #pragma omp simd
-    for (int64_t s = 0; s < g.S; ++s) store(q + s, ((load(p[s]) - mh) - ml) * k1 + k3);
+    for (int64_t s = 0; s < g.S; ++s) store(q + s, (load(p[s]) - mh) * k1 + k3);
   }
 }
 
@@ -348,14 +572,13 @@ inline void rows_forward(const T* __restrict x, T* __restrict y, const Geometry&
   using A = typename Compute<T>::type;
   const int64_t C = g.C;
   const A* __restrict mh = a.mean_hi;
-  const A* __restrict ml = a.mean_lo;
   const A* __restrict k1 = a.k1;
   const A* __restrict k3 = a.k3;
   for (int64_t r = r0; r < r1; ++r) {
     const T* __restrict p = x + r * C;
     T* __restrict q = y + r * C;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) store(q + c, ((load(p[c]) - mh[c]) - ml[c]) * k1[c] + k3[c]);
+    for (int64_t c = 0; c < C; ++c) store(q + c, (load(p[c]) - mh[c]) * k1[c] + k3[c]);
   }
 }
 
@@ -364,7 +587,7 @@ inline void planar_backward(const T* __restrict gy, const T* __restrict x, T* __
                             const Geometry& g, int64_t c, int64_t n0, int64_t n1,
                             const ChannelAffine<T>& a) {
   using A = typename Compute<T>::type;
-  const A mh = a.mean_hi[c], ml = a.mean_lo[c], k1 = a.k1[c], k2 = a.k2[c], k3 = a.k3[c];
+  const A mh = a.mean_hi[c], k1 = a.k1[c], k2 = a.k2[c], k3 = a.k3[c];
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t off = (n * g.C + c) * g.S;
     const T* __restrict pg = gy + off;
@@ -372,7 +595,7 @@ inline void planar_backward(const T* __restrict gy, const T* __restrict x, T* __
     T* __restrict q = dx + off;
 #pragma omp simd
     for (int64_t s = 0; s < g.S; ++s) {
-      const A cx = (load(px[s]) - mh) - ml;
+      const A cx = load(px[s]) - mh;
       store(q + s, k1 * load(pg[s]) - (k2 * cx + k3));
     }
   }
@@ -384,7 +607,6 @@ inline void rows_backward(const T* __restrict gy, const T* __restrict x, T* __re
   using A = typename Compute<T>::type;
   const int64_t C = g.C;
   const A* __restrict mh = a.mean_hi;
-  const A* __restrict ml = a.mean_lo;
   const A* __restrict k1 = a.k1;
   const A* __restrict k2 = a.k2;
   const A* __restrict k3 = a.k3;
@@ -394,46 +616,74 @@ inline void rows_backward(const T* __restrict gy, const T* __restrict x, T* __re
     T* __restrict q = dx + r * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      const A cx = (load(px[c]) - mh[c]) - ml[c];
+      const A cx = load(px[c]) - mh[c];
       store(q + c, k1[c] * load(pg[c]) - (k2[c] * cx + k3[c]));
     }
   }
 }
 
 // ----------------------------------------------------------------------------------------------
-// Drivers: a per-channel reduction, a per-channel finish, and optionally an elementwise pass.
+// Drivers: per-chunk partial results, a per-channel finish over the chunks in order, and
+// optionally an elementwise pass.
 //
-// Planar: `sums(c, n0, n1, s1, s2)` reduces one chunk of channel c; `finish(c, s1, s2)` sees the
-// chunk partials added in chunk order; `apply(c, n0, n1)` is the elementwise pass. With at least
-// as many channels as threads, each channel's task runs sums, finish and apply back to back while
-// the channel is in cache. Otherwise the chunks of all channels are reduced in parallel, finished,
-// and the pass runs in parallel over chunks. Either way the same numbers are added in the same
-// order, so results do not depend on the thread count.
+// Chunk partials are two doubles per (chunk, channel): (mean, M2) for the forward, (Σg,
+// Σg(x - mean)) for the backward; `Partials` reads them back for the finish.
+//
+// Planar: `sums(c, n0, n1, rec)` fills the two doubles of one chunk of channel c;
+// `finish(c, partials)` combines the chunks of channel c; `apply(c, n0, n1)` is the elementwise
+// pass. With at least as many channels as threads, each channel's task runs sums, finish and
+// apply back to back while the channel is in cache. Otherwise the chunks of all channels are
+// reduced in parallel, finished, and the pass runs in parallel over chunks. Either way the same
+// numbers are combined in the same order, so results do not depend on the thread count.
+
+struct Partials {
+  const double* base;
+  int64_t k_stride, second;  // first(k) = base[k * k_stride], second(k) = base[... + second]
+  Chunking ch;
+  int64_t span, unit;  // chunk k holds min(per, span - k * per) * unit values
+  double first_of(int64_t k) const { return base[k * k_stride]; }
+  double second_of(int64_t k) const { return base[k * k_stride + second]; }
+  double count(int64_t k) const {
+    return static_cast<double>(std::min(ch.per, span - k * ch.per) * unit);
+  }
+  // Chan et al.'s merge of per-chunk (mean, M2), in chunk order.
+  void merged_moments(double& mean, double& m2) const {
+    double n = 0.0;
+    mean = 0.0;
+    m2 = 0.0;
+    for (int64_t k = 0; k < ch.count; ++k) {
+      const double nb = count(k), mb = first_of(k), total = n + nb;
+      const double delta = mb - mean;
+      mean += delta * (nb / total);
+      m2 += second_of(k) + delta * delta * (n * nb / total);
+      n = total;
+    }
+  }
+  void summed(double& s1, double& s2) const {
+    s1 = 0.0;
+    s2 = 0.0;
+    for (int64_t k = 0; k < ch.count; ++k) {
+      s1 += first_of(k);
+      s2 += second_of(k);
+    }
+  }
+};
 
 template <typename Sums, typename Finish, typename Apply>
 void planar_driver(const Geometry& g, const Sums& sums, const Finish& finish, const Apply& apply,
                    bool has_apply) {
   const Chunking ch = chunking(g);
   const int64_t C = g.C;
-  auto chunk_range = [&](int64_t k, int64_t& n0, int64_t& n1) {
-    n0 = k * ch.per;
-    n1 = std::min(g.N, n0 + ch.per);
+  auto run_chunk = [&](int64_t c, int64_t k, double* rec) {
+    const int64_t n0 = k * ch.per;
+    sums(c, n0, std::min(g.N, n0 + ch.per), rec);
   };
   if (C >= at::get_num_threads() || g.total() < kSerialBelow) {
     parallel(C, g.total(), [&](int64_t c0, int64_t c1) {
       std::vector<double> part(2 * ch.count);
       for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t k = 0; k < ch.count; ++k) {
-          int64_t n0, n1;
-          chunk_range(k, n0, n1);
-          sums(c, n0, n1, part[2 * k], part[2 * k + 1]);
-        }
-        double s1 = 0.0, s2 = 0.0;
-        for (int64_t k = 0; k < ch.count; ++k) {
-          s1 += part[2 * k];
-          s2 += part[2 * k + 1];
-        }
-        finish(c, s1, s2);
+        for (int64_t k = 0; k < ch.count; ++k) run_chunk(c, k, &part[2 * k]);
+        finish(c, Partials{part.data(), 2, 1, ch, g.N, g.S});
         if (has_apply) apply(c, int64_t{0}, g.N);
       }
     });
@@ -442,32 +692,21 @@ void planar_driver(const Geometry& g, const Sums& sums, const Finish& finish, co
   const int64_t items = C * ch.count;
   std::vector<double> part(2 * items);
   parallel(items, g.total(), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      int64_t n0, n1;
-      chunk_range(i % ch.count, n0, n1);
-      sums(i / ch.count, n0, n1, part[2 * i], part[2 * i + 1]);
-    }
+    for (int64_t i = i0; i < i1; ++i) run_chunk(i / ch.count, i % ch.count, &part[2 * i]);
   });
-  for (int64_t c = 0; c < C; ++c) {
-    double s1 = 0.0, s2 = 0.0;
-    for (int64_t k = 0; k < ch.count; ++k) {
-      s1 += part[2 * (c * ch.count + k)];
-      s2 += part[2 * (c * ch.count + k) + 1];
-    }
-    finish(c, s1, s2);
-  }
+  for (int64_t c = 0; c < C; ++c)
+    finish(c, Partials{&part[2 * c * ch.count], 2, 1, ch, g.N, g.S});
   if (!has_apply) return;
   parallel(items, g.total(), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      int64_t n0, n1;
-      chunk_range(i % ch.count, n0, n1);
-      apply(i / ch.count, n0, n1);
+      const int64_t n0 = (i % ch.count) * ch.per;
+      apply(i / ch.count, n0, std::min(g.N, n0 + ch.per));
     }
   });
 }
 
-// Rows: `sums(r0, r1, s1, s2)` adds one chunk of rows into per-channel arrays s1[C], s2[C];
-// `finish(c, s1, s2)` sees the chunk partials added in chunk order; `apply(r0, r1)` is the pass.
+// Rows: `sums(r0, r1, first, second)` fills per-channel arrays first[C], second[C] for one chunk
+// of rows; `finish(c, partials)` combines the chunks of channel c; `apply(r0, r1)` is the pass.
 template <typename Sums, typename Finish, typename Apply>
 void rows_driver(const Geometry& g, const Sums& sums, const Finish& finish, const Apply& apply,
                  bool has_apply) {
@@ -476,68 +715,56 @@ void rows_driver(const Geometry& g, const Sums& sums, const Finish& finish, cons
   std::vector<double> part(2 * ch.count * C, 0.0);
   parallel(ch.count, g.total(), [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
-      const int64_t r0 = k * ch.per, r1 = std::min(g.rows(), r0 + ch.per);
-      sums(r0, r1, &part[2 * k * C], &part[(2 * k + 1) * C]);
+      const int64_t r0 = k * ch.per;
+      sums(r0, std::min(g.rows(), r0 + ch.per), &part[2 * k * C], &part[(2 * k + 1) * C]);
     }
   });
-  for (int64_t c = 0; c < C; ++c) {
-    double s1 = 0.0, s2 = 0.0;
-    for (int64_t k = 0; k < ch.count; ++k) {
-      s1 += part[2 * k * C + c];
-      s2 += part[(2 * k + 1) * C + c];
-    }
-    finish(c, s1, s2);
-  }
+  for (int64_t c = 0; c < C; ++c) finish(c, Partials{&part[c], 2 * C, C, ch, g.rows(), 1});
   if (!has_apply) return;
   parallel(ch.count, g.total(), [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
-      const int64_t r0 = k * ch.per, r1 = std::min(g.rows(), r0 + ch.per);
-      apply(r0, r1);
+      const int64_t r0 = k * ch.per;
+      apply(r0, std::min(g.rows(), r0 + ch.per));
     }
   });
-}
-
-inline void finish_moments(double shift, double s1, double s2, double m, double& mean,
-                           double& var) {
-  mean = shift + s1 / m;
-  const double v = (s2 - s1 * (s1 / m)) / m;  // Alg. 1: biased variance
-  var = v < 0.0 ? 0.0 : v;  // clamp rounding below zero; a NaN stays NaN (std::max would drop it)
 }
 
 // ----------------------------------------------------------------------------------------------
 // The kernels, per dtype.
 
-// Statistics (Alg. 1: μ_B, biased σ²_B), and when `a` and `y` are given also y = BN(x).
+// Statistics (Alg. 1: μ_B, biased σ²_B), and when `y` is given also y = BN(x) with `a`.
 template <typename T>
 void forward_kernel(const T* x, T* y, const Geometry& g, double* mean, double* var,
                     ChannelAffine<T>* a, double eps, const ParamView& gamma,
                     const ParamView& beta) {
+  using A = typename Compute<T>::type;
   const double m = static_cast<double>(g.m);
   const bool apply = y != nullptr;
-  auto finish = [&](int64_t c, double s1, double s2, double shift) {
-    finish_moments(shift, s1, s2, m, mean[c], var[c]);
+  auto finish = [&](int64_t c, const Partials& p) {
+    double m2;
+    p.merged_moments(mean[c], m2);
+    var[c] = m2 / m;  // Alg. 1: the biased variance
     if (apply) a->forward_constants(c, mean[c], var[c], eps, gamma, beta);
   };
   if (g.layout == Layout::Planar) {
     planar_driver(
         g,
-        [&](int64_t c, int64_t n0, int64_t n1, double& s1, double& s2) {
-          planar_sums_x(x, g, c, n0, n1, static_cast<double>(load(x[c * g.S])), s1, s2);
+        [&](int64_t c, int64_t n0, int64_t n1, double* rec) {
+          const ChunkMoments cm = planar_chunk_moments(x, g, c, n0, n1);
+          rec[0] = cm.mean;
+          rec[1] = cm.m2;
         },
-        [&](int64_t c, double s1, double s2) {
-          finish(c, s1, s2, static_cast<double>(load(x[c * g.S])));
-        },
-        [&](int64_t c, int64_t n0, int64_t n1) { planar_forward(x, y, g, c, n0, n1, *a); }, apply);
+        finish, [&](int64_t c, int64_t n0, int64_t n1) { planar_forward(x, y, g, c, n0, n1, *a); },
+        apply);
   } else {
-    std::vector<double> shift(g.C);
-    for (int64_t c = 0; c < g.C; ++c) shift[c] = static_cast<double>(load(x[c]));
     rows_driver(
         g,
-        [&](int64_t r0, int64_t r1, double* s1, double* s2) {
-          rows_sums_x(x, g, r0, r1, shift.data(), s1, s2);
+        [&](int64_t r0, int64_t r1, double* chunk_mean, double* chunk_m2) {
+          std::vector<double> scratch(2 * g.C);
+          std::vector<A> center(g.C);
+          rows_chunk_moments(x, g, r0, r1, chunk_mean, chunk_m2, scratch.data(), center.data());
         },
-        [&](int64_t c, double s1, double s2) { finish(c, s1, s2, shift[c]); },
-        [&](int64_t r0, int64_t r1) { rows_forward(x, y, g, r0, r1, *a); }, apply);
+        finish, [&](int64_t r0, int64_t r1) { rows_forward(x, y, g, r0, r1, *a); }, apply);
   }
 }
 
@@ -561,24 +788,26 @@ void apply_forward(const T* x, T* y, const Geometry& g, const ChannelAffine<T>& 
 }
 
 // Σg and Σg(x - mean) per channel; when `dx` is given also dx from those sums over m values
-// (the local backward). `a` holds the mean split and receives the backward constants.
+// (the local backward). `a` receives the mean split and the backward constants.
 template <typename T>
 void backward_kernel(const T* gy, const T* x, T* dx, const Geometry& g, const double* mean,
                      const double* inv, ChannelAffine<T>& a, const ParamView& gamma,
                      double* sum_g, double* sum_gc) {
   const double m = static_cast<double>(g.m);
   const bool apply = dx != nullptr;
-  for (int64_t c = 0; c < g.C; ++c) a.set_mean(c, mean[c]);
-  auto finish = [&](int64_t c, double s1, double s2) {
-    sum_g[c] = s1;
-    sum_gc[c] = s2;
-    if (apply) a.backward_constants(c, mean[c], inv[c], s1, s2, m, gamma);
+  std::vector<double> lo(g.C);
+  for (int64_t c = 0; c < g.C; ++c) lo[c] = a.set_mean(c, mean[c]);
+  auto finish = [&](int64_t c, const Partials& p) {
+    double s2;
+    p.summed(sum_g[c], s2);
+    sum_gc[c] = s2 - lo[c] * sum_g[c];  // Σg(x - mean) = Σg(x - mean_hi) - lo·Σg
+    if (apply) a.backward_constants(c, mean[c], inv[c], sum_g[c], sum_gc[c], m, gamma);
   };
   if (g.layout == Layout::Planar) {
     planar_driver(
         g,
-        [&](int64_t c, int64_t n0, int64_t n1, double& s1, double& s2) {
-          planar_sums_g(gy, x, g, c, n0, n1, a.mean_hi[c], a.mean_lo[c], s1, s2);
+        [&](int64_t c, int64_t n0, int64_t n1, double* rec) {
+          planar_chunk_grad_sums(gy, x, g, c, n0, n1, a.mean_hi[c], rec[0], rec[1]);
         },
         finish,
         [&](int64_t c, int64_t n0, int64_t n1) { planar_backward(gy, x, dx, g, c, n0, n1, a); },
@@ -587,7 +816,7 @@ void backward_kernel(const T* gy, const T* x, T* dx, const Geometry& g, const do
     rows_driver(
         g,
         [&](int64_t r0, int64_t r1, double* s1, double* s2) {
-          rows_sums_g(gy, x, g, r0, r1, a, s1, s2);
+          rows_chunk_grad_sums(gy, x, g, r0, r1, a.mean_hi, s1, s2);
         },
         finish, [&](int64_t r0, int64_t r1) { rows_backward(gy, x, dx, g, r0, r1, a); }, apply);
   }
