@@ -42,6 +42,7 @@ LAYER_CASES: dict[str, dict] = {
     "no-bias": dict(shape=(3, 5), splits=[(2, 3), (3, 2)], bias=False),
     "population": dict(shape=(3, 5), splits=[(2, 3), (4, 4), (1, 6)], stats_mode="population"),
     "nonfinite": dict(shape=(3, 5), splits=[(2, 3), (3, 3), (4, 1)], nan_step=1),
+    "bfloat16": dict(shape=(3, 8), splits=[(3, 5), (6, 2)], dtype="bfloat16"),
 }
 BACKENDS = ["fused", "python"]
 CASE_IDS = [f"{name}-{backend}" for name in LAYER_CASES for backend in BACKENDS]
@@ -141,12 +142,46 @@ def _error_messages(rank: int) -> list[str]:
     return messages
 
 
+def _collectives(rank: int) -> dict[str, list[str]]:
+    """Which torch.distributed calls three layers make in a forward, a backward and in eval."""
+    calls: list[str] = []
+    names = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce", "broadcast")
+    originals = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+
+        return call
+
+    for name, fn in originals.items():
+        setattr(dist, name, counted(name, fn))
+    try:
+        model = nn.Sequential(SyncBatchNorm(3), nn.ReLU(), SyncBatchNorm(3), SyncBatchNorm(3))
+        x = torch.randn(4 * rank, 3, 5, requires_grad=True)  # rank 0 is empty
+        y = model(x)
+        seen = {"forward": calls[:]}
+        calls.clear()
+        y.backward(torch.randn_like(y))
+        seen["backward"] = calls[:]
+        calls.clear()
+        model.eval()
+        model(x)
+        seen["eval"] = calls[:]
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    return seen
+
+
 def layer_worker(rank: int, world_size: int, cases: list[dict]) -> dict:
     results = {}
     for case in cases:
         with use_backend(case["backend"]):
             results[f"{case['name']}-{case['backend']}"] = _run_layer_case(rank, case)
     results["errors"] = _error_messages(rank)
+    results["collectives"] = _collectives(rank)
     return results
 
 
@@ -186,6 +221,8 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(layer_runs, case_id):
     tol, grad_tol = TOL[torch.float32], GRAD_F32
     if case["dtype"] == torch.float64:
         tol = grad_tol = F64_OFFSET_1E6
+    elif case["dtype"] == torch.bfloat16:  # outputs rounded to bfloat16; statistics in float64
+        tol = grad_tol = TOL[torch.bfloat16]
     ref = _oracle(case, case["xs"][0])
     batch_means, batch_vars = [], []
     for step, (x, g) in enumerate(zip(case["xs"], case["gs"], strict=True)):
@@ -242,6 +279,13 @@ def test_too_few_values_over_the_group_raise_on_every_rank(layer_runs):
         assert "SyncBatchNorm(3)" in one and "got 1 over the 2 ranks" in one
         assert f"shape {(1 - rank, 3)}" in one
         assert "got 0 over the 2 ranks" in none
+
+
+def test_one_collective_per_layer_in_forward_and_backward(layer_runs):
+    _, results = layer_runs
+    gather = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+    for r in results:
+        assert r["collectives"] == dict(forward=[gather] * 3, backward=["all_reduce"] * 3, eval=[])
 
 
 # -- DistributedDataParallel training: 2 ranks vs 1 process, a few SGD steps ---------------------
