@@ -182,6 +182,19 @@ def test_convert_sync_in_place_and_torch_names():
         convert_sync(lazy)
 
 
+def test_in_place_conversion_keeps_the_optimizers_tensors():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    weight, running_mean = model[1].weight, model[1].running_mean
+    convert_sync(model, inplace=True)
+    assert model[1].weight is weight and model[1].running_mean is running_mean
+    before = weight.detach().clone()
+    model(torch.randn(8, 3)).pow(2).sum().backward()
+    opt.step()
+    assert not torch.equal(model[1].weight, before)
+    assert not torch.equal(running_mean, torch.zeros(4))
+
+
 def test_pickle_and_deepcopy():
     layer = SyncBatchNorm(3)
     layer(torch.randn(4, 3))

@@ -14,11 +14,12 @@ NCCL for CUDA tensors). Per layer and training step it issues exactly two collec
 
 Why a gather and not an all-reduce of sums: a variance needs either E[x²] − E[x]² (cancels
 catastrophically, e.g. float32 1e4 + N(0, 1), pytorch#5410) or a shift known to every rank before
-the collective — the only free candidate is ``running_mean``, which is 0 on the first steps and
-stale later, exactly when it matters. Chan's merge is exact in exact arithmetic and adds only
-non-negative terms (δ²·n_a·n_b/n), but it is not a sum, so it cannot be an all-reduce op. The
-gather moves W·3·C instead of ~2·3·C values per rank; for BN's small vectors (C ≤ a few
-thousand) both are latency-bound. Every rank merges the same gathered values in the same order,
+the collective — without a second collective the only candidate is ``running_mean``, which is 0
+on the first steps and stale later, exactly when it matters. Chan's merge is exact in exact
+arithmetic and adds only non-negative terms (δ²·n_a·n_b/n), but it is not a sum, so it cannot be
+an all-reduce op. Each rank receives W·3·C values where an all-reduce would move about 2·3·C; for
+BN's short vectors (C ≤ a few thousand) both are latency-bound at the world sizes SyncBN is used
+with, and the merge is log2(W) vectorized steps. Every rank merges the same gathered values in the same order,
 so all ranks get bitwise-identical statistics and running buffers (DDP's buffer broadcast is
 redundant for these layers).
 
@@ -246,7 +247,7 @@ class SyncBatchNorm(_BatchNormMixin, _BatchNorm):
         y = _SyncBatchNormFunction.apply(
             input, self.weight, self.bias, mean, var, count, self.eps, group
         )  # collective 2 in its backward
-        if self.training and self.track_running_stats and self.running_mean is not None:
+        if self.track_running_stats and self.running_mean is not None:
             self._update_running_stats(mean, var, count, input)
         return y
 

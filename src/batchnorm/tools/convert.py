@@ -7,15 +7,13 @@ a strict ``load_state_dict`` and the converted model computes the same function.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from typing import Literal
 
 from torch import nn
 
 from ..nn import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from ..nn.modules import _BatchNormMixin
 
-__all__ = ["bn_layers", "convert", "copy_model", "name_layers", "replace_layers"]
+__all__ = ["bn_layers", "convert", "name_layers"]
 
 _TORCH = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _OURS = (BatchNorm1d, BatchNorm2d, BatchNorm3d)
@@ -33,7 +31,7 @@ def bn_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNo
 def name_layers(model: nn.Module) -> nn.Module:
     """Give each of our BN layers its qualified name in ``model``, used in error messages."""
     for name, m in model.named_modules():
-        if isinstance(m, _BatchNormMixin):
+        if isinstance(m, _OURS):
             m.layer_name = name or type(m).__name__
     return model
 
@@ -78,53 +76,24 @@ def convert(
     """
     if to not in ("batchnorm", "torch"):
         raise ValueError(f"convert: 'to' must be 'batchnorm' or 'torch', got {to!r}")
-    root = replace_layers(model, lambda m: _swap_to(m, to), inplace=inplace, where="convert")
-    return name_layers(root) if to == "batchnorm" else root
-
-
-def _swap_to(m: nn.Module, to: str) -> nn.Module | None:
-    cls = _target_class(m, to)
-    return None if cls is None else _swap(m, cls)
-
-
-def replace_layers(
-    model: nn.Module,
-    make: Callable[[nn.Module], nn.Module | None],
-    *,
-    inplace: bool = False,
-    where: str = "replace_layers",
-) -> nn.Module:
-    """``model`` with every submodule ``m`` (and the root) for which ``make(m)`` returns a module
-    replaced by it; a layer used in two places stays one layer. A copy unless ``inplace``."""
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
             raise ValueError(
-                f"{where}: lazy layer '{name or type(m).__name__}' is not initialized yet; run one "
+                f"convert: lazy layer '{name or type(m).__name__}' is not initialized yet; run one "
                 "forward pass first so that its shapes are known"
             )
-    root = model if inplace else copy_model(model)
-    new_root = make(root)
-    if new_root is not None:
-        return new_root
-    swapped: dict[int, nn.Module | None] = {}
+    root = model if inplace else copy.deepcopy(model)
+    cls = _target_class(root, to)
+    if cls is not None:
+        root = _swap(root, cls)
+        return name_layers(root) if to == "batchnorm" else root
+    swapped: dict[int, nn.Module] = {}  # a layer used in two places stays one layer
     for parent in list(root.modules()):
         # _modules, not named_children(): the latter skips a layer's second appearance
         for child_name, child in list(parent._modules.items()):
-            if child is None:
-                continue
-            if id(child) not in swapped:
-                swapped[id(child)] = make(child)
-            if swapped[id(child)] is not None:
+            cls = _target_class(child, to)
+            if cls is not None:
+                if id(child) not in swapped:
+                    swapped[id(child)] = _swap(child, cls)
                 setattr(parent, child_name, swapped[id(child)])
-    return root
-
-
-def copy_model(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy(model)`` sharing its process groups (SyncBatchNorm's ``process_group``),
-    which cannot be copied."""
-    groups = {
-        id(m.process_group): m.process_group
-        for m in model.modules()
-        if getattr(m, "process_group", None) is not None
-    }
-    return copy.deepcopy(model, memo=groups)
+    return name_layers(root) if to == "batchnorm" else root
