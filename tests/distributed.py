@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 
 from batchnorm.functional import kernels
 
-COLLECTIVE_TIMEOUT = 30
+COLLECTIVE_TIMEOUT = 60  # also bounds the rendezvous: a loaded machine may start ranks slowly
 
 
 def _entry(rank: int, world_size: int, worker: Callable, tmp: str) -> None:
@@ -56,7 +56,7 @@ def spawn(
     world_size: int,
     inputs: Any,
     tmp_path: Path,
-    timeout: float = 120.0,
+    timeout: float = 180.0,
 ) -> list[Any]:
     """Run ``worker`` on ``world_size`` gloo ranks; returns each rank's result, in rank order.
 
