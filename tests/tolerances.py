@@ -21,3 +21,8 @@ STATS_RTOL_F32 = 1e-5
 
 # Gradients (float32 path vs float64 reference): sums over m values lose a little more.
 GRAD_F32 = {"atol": 1e-4, "rtol": 1e-4}
+
+# float64 inputs 1e6 + N(0, 1): each holds only ~10 significant digits of its deviation from the
+# mean (ulp(1e6) ≈ 1.2e-10), so even exact algorithms agree to ~1e-9, not 1e-10. A variance
+# formed as E[x²] − E[x]² would be off by ~1e-4 here, so this still tells stable from unstable.
+F64_OFFSET_1E6 = {"atol": 1e-8, "rtol": 1e-6}

@@ -6,8 +6,8 @@ tools on whole models (:mod:`batchnorm.tools`). The experiments and the CLI live
 """
 
 from . import functional, nn, tools
-from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from .tools import convert
+from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm
+from .tools import convert, convert_from_sync, convert_sync
 
 __version__ = "0.1.0"
 
@@ -15,8 +15,11 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "SyncBatchNorm",
     "__version__",
     "convert",
+    "convert_from_sync",
+    "convert_sync",
     "functional",
     "nn",
     "tools",
