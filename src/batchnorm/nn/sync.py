@@ -31,7 +31,6 @@ other devices.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -40,7 +39,6 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..functional.core import nonfinite_message, update_running_stats
 from ..functional.stats import Moments, merge_moments
 from ..functional.steps import backward_elementwise, backward_reduce, moments, normalize
 from .modules import StatsMode, _BatchNormMixin
@@ -248,45 +246,8 @@ class SyncBatchNorm(_BatchNormMixin, _BatchNorm):
             input, self.weight, self.bias, mean, var, count, self.eps, group
         )  # collective 2 in its backward
         if self.track_running_stats and self.running_mean is not None:
-            self._update_running_stats(mean, var, count, input)
+            self._update_running_stats(mean, var, count)
         return y
-
-    def _update_running_stats(self, mean: Tensor, var: Tensor, count: int, input: Tensor) -> None:
-        """The same rule and guard as our BatchNorm*d, fed the global statistics."""
-        if self._population_mode:
-            self._record_population(mean, var, count)
-            return
-        # Read a CPU counter only: reading a CUDA one would synchronize every step.
-        before = int(self.nonfinite_skips) if self.guard_nonfinite and input.is_cpu else None
-        update_running_stats(
-            mean,
-            var,
-            count,
-            self.running_mean,
-            self.running_var,
-            self.num_batches_tracked,
-            self.nonfinite_skips,
-            self.momentum,
-            self.guard_nonfinite,
-        )
-        if before == 0 and int(self.nonfinite_skips) > 0:
-            warnings.warn(nonfinite_message(self._where()), UserWarning, stacklevel=3)
-
-    @torch.no_grad()
-    def _record_population(self, mean: Tensor, var: Tensor, count: int) -> None:
-        """stats_mode="population" (Alg. 2) with the global batch as the mini-batch."""
-        if self.guard_nonfinite and not bool(
-            torch.isfinite(mean).all() & torch.isfinite(var).all()
-        ):
-            if int(self.nonfinite_skips) == 0:
-                warnings.warn(nonfinite_message(self._where()), UserWarning, stacklevel=4)
-            self.nonfinite_skips.add_(1)
-            return
-        self._population.update(mean, var, count)
-        est_mean, est_var = self._population.paper()
-        self.running_mean.copy_(est_mean)
-        self.running_var.copy_(est_var)
-        self.num_batches_tracked.add_(1)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any | None = None):
