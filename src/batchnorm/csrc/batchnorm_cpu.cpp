@@ -129,8 +129,9 @@ Tensor like_input(const Tensor& t, const Tensor& x, const Geometry& g) {
   return out.is_contiguous(fmt) ? out : out.contiguous(fmt);
 }
 
-// Chunks hold about this many values; chunk boundaries depend only on the shape.
-constexpr int64_t kChunk = 16384;
+// Chunks hold about this many values (256 KB of float32: in L2 for a chunk's second pass);
+// chunk boundaries depend only on the shape.
+constexpr int64_t kChunk = 65536;
 // Below this many values in total a call runs on one thread: a parallel region costs more.
 constexpr int64_t kSerialBelow = 32768;
 
@@ -707,9 +708,11 @@ void planar_driver(const Geometry& g, const Sums& sums, const Finish& finish, co
 
 // Rows: `sums(r0, r1, first, second)` fills per-channel arrays first[C], second[C] for one chunk
 // of rows; `finish(c, partials)` combines the chunks of channel c; `apply(r0, r1)` is the pass.
+// `combine` folds chunk k's per-channel arrays into the running arrays, channel by channel in
+// contiguous memory (the same per-channel arithmetic in the same chunk order as Partials).
 template <typename Sums, typename Finish, typename Apply>
 void rows_driver(const Geometry& g, const Sums& sums, const Finish& finish, const Apply& apply,
-                 bool has_apply) {
+                 bool has_apply, bool moments) {
   const Chunking ch = chunking(g);
   const int64_t C = g.C;
   std::vector<double> part(2 * ch.count * C, 0.0);
@@ -719,7 +722,32 @@ void rows_driver(const Geometry& g, const Sums& sums, const Finish& finish, cons
       sums(r0, std::min(g.rows(), r0 + ch.per), &part[2 * k * C], &part[(2 * k + 1) * C]);
     }
   });
-  for (int64_t c = 0; c < C; ++c) finish(c, Partials{&part[c], 2 * C, C, ch, g.rows(), 1});
+  // Combine chunk 0..count-1 into chunk 0's arrays, sweeping channels contiguously.
+  double* first = part.data();
+  double* second = part.data() + C;
+  double n = static_cast<double>(std::min(ch.per, g.rows()));
+  for (int64_t k = 1; k < ch.count; ++k) {
+    const double* f = &part[2 * k * C];
+    const double* s = &part[(2 * k + 1) * C];
+    const double nb = static_cast<double>(std::min(ch.per, g.rows() - k * ch.per));
+    const double total = n + nb, wb = nb / total, wab = n * nb / total;
+    if (moments) {  // Chan et al.'s merge of (mean, M2)
+      for (int64_t c = 0; c < C; ++c) {
+        const double delta = f[c] - first[c];
+        first[c] += delta * wb;
+        second[c] += s[c] + delta * delta * wab;
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        first[c] += f[c];
+        second[c] += s[c];
+      }
+    }
+    n = total;
+  }
+  Chunking one = ch;
+  one.count = 1;  // the combined chunk
+  for (int64_t c = 0; c < C; ++c) finish(c, Partials{&part[c], 2 * C, C, one, g.rows(), 1});
   if (!has_apply) return;
   parallel(ch.count, g.total(), [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
@@ -760,11 +788,15 @@ void forward_kernel(const T* x, T* y, const Geometry& g, double* mean, double* v
     rows_driver(
         g,
         [&](int64_t r0, int64_t r1, double* chunk_mean, double* chunk_m2) {
-          std::vector<double> scratch(2 * g.C);
-          std::vector<A> center(g.C);
+          // per-thread scratch, reused across chunks and calls
+          thread_local std::vector<double> scratch;
+          thread_local std::vector<A> center;
+          scratch.resize(2 * g.C);
+          center.resize(g.C);
           rows_chunk_moments(x, g, r0, r1, chunk_mean, chunk_m2, scratch.data(), center.data());
         },
-        finish, [&](int64_t r0, int64_t r1) { rows_forward(x, y, g, r0, r1, *a); }, apply);
+        finish, [&](int64_t r0, int64_t r1) { rows_forward(x, y, g, r0, r1, *a); }, apply,
+        /*moments=*/true);
   }
 }
 
@@ -818,7 +850,8 @@ void backward_kernel(const T* gy, const T* x, T* dx, const Geometry& g, const do
         [&](int64_t r0, int64_t r1, double* s1, double* s2) {
           rows_chunk_grad_sums(gy, x, g, r0, r1, a.mean_hi, s1, s2);
         },
-        finish, [&](int64_t r0, int64_t r1) { rows_backward(gy, x, dx, g, r0, r1, a); }, apply);
+        finish, [&](int64_t r0, int64_t r1) { rows_backward(gy, x, dx, g, r0, r1, a); }, apply,
+        /*moments=*/false);
   }
 }
 
