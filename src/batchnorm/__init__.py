@@ -7,7 +7,7 @@ tools on whole models (:mod:`batchnorm.tools`). The experiments and the CLI live
 
 from . import functional, nn, tools
 from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from .tools import convert
+from .tools import add_batchnorm, convert, fold, freeze, freeze_stats, recalibrate, unfreeze_stats
 
 __version__ = "0.1.0"
 
@@ -16,8 +16,14 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "__version__",
+    "add_batchnorm",
     "convert",
+    "fold",
+    "freeze",
+    "freeze_stats",
     "functional",
     "nn",
+    "recalibrate",
     "tools",
+    "unfreeze_stats",
 ]
