@@ -339,6 +339,26 @@ class PreAct(nn.Module):
         return self.bn_shared(y) + self.bn_shared(x)
 
 
+class Tied(nn.Module):
+    """forward uses the conv's weight a second time: folding into that conv would change it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1, bias=False)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + F.conv2d(x, self.conv.weight)
+
+
+def test_a_layer_whose_weights_forward_reads_is_not_folded_into():
+    model = randomize_bn(Tied()).double().eval()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    result = fold(model, x)
+    assert result.folded == () and result.affine[0][0] == "bn"
+    torch.testing.assert_close(result.model(x), model(x), **FOLD_F64)
+
+
 def test_unfoldable_bn_becomes_one_affine_op():
     model = randomize_bn(PreAct()).double().eval()
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)

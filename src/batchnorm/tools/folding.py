@@ -373,9 +373,13 @@ def _plan(model: nn.Module, ndims: dict[int, int]) -> tuple[dict, dict, dict]:
     leaf_types = (_BatchNorm, FrozenBatchNorm, ChannelAffine, *_CONV_NDIM, nn.Linear)
     parts = _graphs(model, "", leaf_types)
     counts: dict[int, int] = {}
+    read: set[int] = set()  # modules whose parameters forward also reads directly (get_attr)
     for _, graph, root in parts:
         for key, n in call_counts(root, graph).items():
             counts[key] = counts.get(key, 0) + n
+        for node in graph.nodes:
+            if node.op == "get_attr":
+                read.add(id(root.get_submodule(node.target.rpartition(".")[0])))
     into: dict[int, tuple[str, nn.Module]] = {}
     into_next: dict[int, tuple[str, nn.Module]] = {}
     why_not: dict[int, str] = {}
@@ -384,7 +388,7 @@ def _plan(model: nn.Module, ndims: dict[int, int]) -> tuple[dict, dict, dict]:
         if node.op != "call_module":
             return None
         m = root.get_submodule(node.target)
-        return m if counts.get(id(m)) == 1 else None
+        return m if counts.get(id(m)) == 1 and id(m) not in read else None
 
     for prefix, graph, root in parts:
 

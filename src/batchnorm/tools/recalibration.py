@@ -256,7 +256,10 @@ def recalibrate(
             ``model(batch[0])``); move the batch to the model's device here if needed.
         sync: reduce the statistics over all ranks of ``process_group`` (float64; Chan's merge
             for "pooled"). Default: when ``torch.distributed`` is initialized. Every rank must
-            call ``recalibrate`` then; pass ``sync=False`` to recalibrate on one rank alone.
+            call ``recalibrate`` then (with any number of batches, even none); pass
+            ``sync=False`` to recalibrate on one rank alone. ``SyncBatchNorm`` layers also
+            synchronize their batch statistics in every forward of the pass (as in training),
+            so with them every rank must feed the same number of batches.
         process_group: the group to reduce over (default: the world).
 
     Returns:
