@@ -1,5 +1,6 @@
 """add_batchnorm (Alg. 2 lines 1–2, Sec. 3.2), and Algorithm 2 end to end with the other tools."""
 
+import warnings
 from collections import OrderedDict
 
 import pytest
@@ -39,6 +40,8 @@ def test_paper_mlp_gets_bn_before_each_sigmoid():
     # the input is untouched
     assert len(model) == 7 and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert model[0].bias is not None
+    with pytest.warns(UserWarning, match="nothing was inserted"):  # idempotent: BN is in place
+        assert len(add_batchnorm(new)) == len(new)
     # in training mode every sigmoid input is normalized per unit (γ=1, β=0): mean 0 and
     # variance σ²/(σ² + ε), σ² the unit's batch variance before BN
     seen = []
@@ -177,8 +180,10 @@ def test_shared_layers_get_no_bn():
         def forward(self, x):
             return F.relu(self.fc(F.relu(self.fc(x)))) + F.relu(self.other(x))
 
-    with pytest.warns(UserWarning, match="'fc' .* is called 2 times"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         new = add_batchnorm(Twice())
+    assert [str(w.message)[:40] for w in caught] == ["add_batchnorm: layer 'fc' (Linear) is ca"]
     assert isinstance(new.fc, nn.Linear) and isinstance(new.other, nn.Sequential)
 
 

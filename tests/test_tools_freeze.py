@@ -113,3 +113,14 @@ def test_freeze_whole_models_and_errors():
     bad = freeze(nn.Sequential(nn.BatchNorm2d(3)))
     with pytest.raises(ValueError, match=r"FrozenBatchNorm2d\(3\) '0'.*\(N, C, H, W\).*\(2, 3\)"):
         bad(torch.randn(2, 3))
+
+
+def test_convert_in_place_keeps_the_parameter_objects():
+    """So an optimizer built before the conversion keeps training the converted layers."""
+    model = _net(False)
+    weight, mean = model[1].weight, model[1].running_mean
+    assert batchnorm.convert(model, inplace=True) is model
+    assert type(model[1]) is batchnorm.BatchNorm2d
+    assert model[1].weight is weight and model[1].running_mean is mean
+    copied = batchnorm.convert(model, to="torch")
+    assert type(copied[1]) is nn.BatchNorm2d and copied[1].weight is not weight

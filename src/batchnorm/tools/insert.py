@@ -197,11 +197,13 @@ def add_batchnorm(
         layer_nodes = layer_nodes[:-1]
     counts, paths = call_counts(new, graph), module_paths(new)
     chosen: list[str] = []
+    warned: set[int] = set()
     for node in layer_nodes:
         layer = new.get_submodule(node.target)
-        if not _feeds_nonlinearity(node, new, nonlinearities):
+        if not _feeds_nonlinearity(node, new, nonlinearities) or id(layer) in warned:
             continue
         if counts[id(layer)] > 1 or len(paths[id(layer)]) > 1:
+            warned.add(id(layer))
             warnings.warn(
                 f"add_batchnorm: layer '{node.target}' ({type(layer).__name__}) is called "
                 f"{counts[id(layer)]} times in forward and registered as "
@@ -211,8 +213,7 @@ def add_batchnorm(
                 stacklevel=2,
             )
             continue
-        if node.target not in chosen:
-            chosen.append(node.target)
+        chosen.append(node.target)
     if not chosen:
         warnings.warn(
             "add_batchnorm: no Linear/Conv layer feeds a nonlinearity directly; nothing was "
