@@ -405,3 +405,14 @@ def test_property_agreement_with_torch(n, c, h, momentum):
         x = torch.randn(n, c, h, h) * 3 - 1
         torch.testing.assert_close(ours(x), ref(x), **TORCH_AGREEMENT)
     torch.testing.assert_close(ours.running_var, ref.running_var, **TORCH_AGREEMENT)
+
+
+def test_symbolic_trace_records_one_batch_norm_call():
+    """torch.fx traces through our layers (FX quantization/fusion and the model tools need it)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNorm2d(4), nn.ReLU()).eval()
+    traced = torch.fx.symbolic_trace(model)
+    assert [n.target for n in traced.graph.nodes if n.op == "call_function"].count(
+        torch.nn.functional.batch_norm
+    ) == 1
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(traced(x), model(x))

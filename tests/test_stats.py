@@ -95,3 +95,27 @@ def test_estimator_errors():
     acc.update(torch.zeros(2), torch.ones(2), 3)
     with pytest.raises(ValueError, match="unknown population estimator"):
         acc.estimate("median")
+
+
+def test_merged_accumulators_equal_one_accumulator_and_pack_round_trips():
+    """What processes do in recalibrate: accumulate shares of the stream, exchange, merge."""
+    batches = [torch.randn(m, 3, dtype=torch.float64) * 2 + 1e4 for m in (5, 9, 5, 12, 7)]
+
+    def accumulate(bs):
+        acc = PopulationStats()
+        for b in bs:
+            var, mean = torch.var_mean(b, 0, correction=0)
+            acc.update(mean, var, len(b))
+        return acc
+
+    whole = accumulate(batches)
+    a, b = accumulate(batches[:2]), accumulate(batches[2:])
+    merged = PopulationStats.unpack(a.pack(3)).merge(PopulationStats.unpack(b.pack(3)))
+    assert merged.batches == whole.batches == 5 and merged.samples == whole.samples == 38
+    for estimator in ("paper", "pooled"):
+        for x, y in zip(merged.estimate(estimator), whole.estimate(estimator), strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=0)
+    empty = PopulationStats()
+    assert empty.merge(a).batches == 2 and a.merge(empty).batches == 2
+    assert PopulationStats.unpack(empty.pack(3)).batches == 0
+    assert torch.equal(empty.pack(3), torch.zeros(14, dtype=torch.float64))

@@ -103,6 +103,51 @@ class PopulationStats:
             self._pooled = merge_moments(self._pooled, Moments.from_batch(mean64, var64, m))
         self.batches += 1
 
+    def merge(self, other: PopulationStats) -> PopulationStats:
+        """The accumulator of both streams (e.g. two processes' shares of the batches)."""
+        if other.batches == 0:
+            return self._copy()
+        if self.batches == 0:
+            return other._copy()
+        out = PopulationStats()
+        out.batches = self.batches + other.batches
+        out._sum_mean = self._sum_mean + other._sum_mean
+        out._sum_var = self._sum_var + other._sum_var
+        out._pooled = merge_moments(self._pooled, other._pooled)
+        return out
+
+    def pack(self, channels: int, device: torch.device | str | None = None) -> Tensor:
+        """Every sufficient statistic as one float64 vector (zeros when empty), for exchanging
+        between processes: ``[batches, samples, Σμ_B (C), Σ unbiased σ²_B (C), mean (C), M2 (C)]``."""
+        if self.batches == 0:
+            return torch.zeros(2 + 4 * channels, dtype=torch.float64, device=device)
+        p = self._pooled
+        head = torch.tensor([float(self.batches), float(p.count)], dtype=torch.float64)
+        body = torch.cat([self._sum_mean, self._sum_var, p.mean, p.m2])
+        return torch.cat([head.to(body.device), body]).to(device)
+
+    @staticmethod
+    def unpack(v: Tensor) -> PopulationStats:
+        """The inverse of :meth:`pack`."""
+        c = (v.numel() - 2) // 4
+        out = PopulationStats()
+        out.batches = int(v[0])
+        if out.batches:
+            out._sum_mean, out._sum_var = v[2 : 2 + c].clone(), v[2 + c : 2 + 2 * c].clone()
+            out._pooled = Moments(
+                v[1].clone(), v[2 + 2 * c : 2 + 3 * c].clone(), v[2 + 3 * c :].clone()
+            )
+        return out
+
+    def _copy(self) -> PopulationStats:
+        out = PopulationStats()
+        out.batches = self.batches
+        if self.batches:
+            p = self._pooled
+            out._sum_mean, out._sum_var = self._sum_mean.clone(), self._sum_var.clone()
+            out._pooled = Moments(p.count.clone(), p.mean.clone(), p.m2.clone())
+        return out
+
     def _require_data(self) -> None:
         if self.batches == 0:
             raise RuntimeError("no mini-batches were accumulated; nothing to estimate from")

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_tracing
 
 from ..functional.core import (
     _train,
@@ -190,6 +191,20 @@ class _BatchNormMixin:
 
     def forward(self, input: Tensor) -> Tensor:
         batch_stats = (self.training and not self.freeze_stats) or self.running_mean is None
+        if is_fx_tracing():
+            # torch.fx (FX quantization and fusion, our tools) traces into non-torch modules:
+            # record the equivalent F.batch_norm call (torch's update rule, no guard).
+            update = batch_stats and self.training and self.track_running_stats
+            return F.batch_norm(
+                input,
+                self.running_mean if update or not batch_stats else None,
+                self.running_var if update or not batch_stats else None,
+                self.weight,
+                self.bias,
+                batch_stats,
+                self.momentum if self.momentum is not None else 0.0,
+                self.eps,
+            )
         self._check(input, batch_stats)
         if not batch_stats:
             # Alg. 2 line 11 (eval, or frozen statistics): one affine map per channel.

@@ -14,6 +14,7 @@ from typing import Literal
 from torch import nn
 
 from ..nn import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from ..nn.modules import _BatchNormMixin
 
 __all__ = ["bn_layers", "convert", "name_layers"]
 
@@ -49,6 +50,19 @@ def check_initialized(model: nn.Module, tool: str) -> None:
             )
 
 
+def copy_model(model: nn.Module, tool: str, inplace: bool = False) -> nn.Module:
+    """``model`` itself if ``inplace``, else a deep copy; either way checked by
+    :func:`check_initialized`. Process groups (SyncBatchNorm's) cannot be copied: the copy shares
+    them."""
+    check_initialized(model, tool)
+    if inplace:
+        return model
+    groups = {
+        id(g): g for m in model.modules() if (g := getattr(m, "process_group", None)) is not None
+    }
+    return copy.deepcopy(model, memo=groups)
+
+
 def replace_modules(root: nn.Module, fn: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
     """Replace, in place, every module ``m`` of ``root`` (``root`` included) for which ``fn(m)``
     returns a module. A module reachable under several names, or used in several places, is
@@ -80,7 +94,9 @@ def replace_modules(root: nn.Module, fn: Callable[[nn.Module], nn.Module | None]
 
 def swap_class(m: nn.modules.batchnorm._BatchNorm, cls: type[nn.Module]) -> nn.Module:
     """A layer of class ``cls`` holding the *same* parameter and buffer objects as ``m`` (so an
-    optimizer built on ``m``'s parameters keeps training the new layer), in ``m``'s mode."""
+    optimizer built on ``m``'s parameters keeps training the new layer), in ``m``'s mode. Between
+    two of our layers the extras come along too (``stats_mode`` and its accumulator,
+    ``guard_nonfinite``, ``freeze_stats``, the ``nonfinite_skips`` counter)."""
     ref = m.weight if m.weight is not None else m.running_mean
     factory = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
     new = cls(
@@ -96,6 +112,12 @@ def swap_class(m: nn.modules.batchnorm._BatchNorm, cls: type[nn.Module]) -> nn.M
         setattr(new, name, getattr(m, name))
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         new._buffers[name] = m._buffers.get(name)
+    if isinstance(m, _BatchNormMixin) and isinstance(new, _BatchNormMixin):
+        new._buffers["nonfinite_skips"] = m.nonfinite_skips
+        new.guard_nonfinite, new.freeze_stats = m.guard_nonfinite, m.freeze_stats
+        if m.stats_mode == "population":
+            new.stats_mode = "population"
+            new._population = m.population
     new.train(m.training)
     return new
 
@@ -120,8 +142,7 @@ def convert(
     """
     if to not in ("batchnorm", "torch"):
         raise ValueError(f"convert: 'to' must be 'batchnorm' or 'torch', got {to!r}")
-    check_initialized(model, "convert")
-    root = model if inplace else copy.deepcopy(model)
+    root = copy_model(model, "convert", inplace)
 
     def swap(m: nn.Module) -> nn.Module | None:
         cls = _target_class(m, to)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..functional.core import check_input
 from ..functional.reference import reduce_dims
-from ..functional.stats import Moments, PopulationStats, merge_moments
+from ..functional.stats import PopulationStats
 from .convert import _OURS, bn_layers
 
 __all__ = ["LayerRecalibration", "RecalibrationReport", "recalibrate"]
@@ -85,56 +85,6 @@ class RecalibrationReport:
         return "\n".join(lines)
 
 
-@dataclass
-class _Tally:
-    """The sufficient statistics of both estimators for one layer, float64: batch count and the
-    sums of μ_B and of m/(m−1)·σ²_B (paper), and the pooled (count, mean, M2) (Chan et al.)."""
-
-    batches: Tensor  # ()
-    sum_mean: Tensor  # (C,)
-    sum_var: Tensor  # (C,)
-    pooled: Moments
-
-    @staticmethod
-    def of(acc: PopulationStats, channels: int, device: torch.device) -> _Tally:
-        zeros = torch.zeros(channels, dtype=torch.float64, device=device)
-        if acc.batches == 0:
-            empty = Moments(torch.zeros((), dtype=torch.float64, device=device), zeros, zeros)
-            return _Tally(torch.zeros((), dtype=torch.float64, device=device), zeros, zeros, empty)
-        mean_p, var_p = acc.paper()
-        mean, unbiased = acc.pooled()
-        count = torch.tensor(float(acc.samples), dtype=torch.float64, device=device)
-        batches = torch.tensor(float(acc.batches), dtype=torch.float64, device=device)
-        return _Tally(
-            batches, mean_p * batches, var_p * batches, Moments(count, mean, unbiased * (count - 1))
-        )
-
-    def pack(self) -> Tensor:
-        p = self.pooled
-        return torch.cat(
-            [self.batches[None], p.count.reshape(1), self.sum_mean, self.sum_var, p.mean, p.m2]
-        )
-
-    @staticmethod
-    def unpack(v: Tensor) -> _Tally:
-        c = (v.numel() - 2) // 4
-        mean, m2 = v[2 + 2 * c : 2 + 3 * c], v[2 + 3 * c :]
-        return _Tally(v[0], v[2 : 2 + c], v[2 + c : 2 + 2 * c], Moments(v[1], mean, m2))
-
-    def merge(self, other: _Tally) -> _Tally:
-        return _Tally(
-            self.batches + other.batches,
-            self.sum_mean + other.sum_mean,
-            self.sum_var + other.sum_var,
-            merge_moments(self.pooled, other.pooled),
-        )
-
-    def estimate(self, estimator: Estimator) -> tuple[Tensor, Tensor]:
-        if estimator == "paper":  # Alg. 2 lines 9-10: E_B[μ_B], E_B[m/(m−1)·σ²_B]
-            return self.sum_mean / self.batches, self.sum_var / self.batches
-        return self.pooled.mean, self.pooled.m2 / (self.pooled.count - 1)
-
-
 def _default_forward(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, Tensor):
         return model(batch)
@@ -170,14 +120,16 @@ def _torch_layer_hook(acc: PopulationStats, where: str, warned: list[bool]) -> C
     return hook
 
 
-def _all_reduce(tallies: list[_Tally], drawn: int, group: Any) -> tuple[list[_Tally], int]:
-    """Merge every rank's tallies: all-gather them (float64) and merge with Chan's formula."""
+def _all_reduce(
+    accumulators: list[PopulationStats], channels: list[int], drawn: int, group: Any
+) -> tuple[list[PopulationStats], int]:
+    """Merge every rank's accumulators: all-gather them packed (float64) and merge them in rank
+    order (Chan's formula for the pooled moments)."""
     device = torch.device("cpu")
     if dist.get_backend(group) == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
-    packed = torch.cat(
-        [torch.tensor([float(drawn)], dtype=torch.float64)] + [t.pack().cpu() for t in tallies]
-    ).to(device)
+    parts = [acc.pack(c, "cpu") for acc, c in zip(accumulators, channels, strict=True)]
+    packed = torch.cat([torch.tensor([float(drawn)], dtype=torch.float64), *parts]).to(device)
     size = torch.tensor([packed.numel(), -packed.numel()], dtype=torch.long, device=device)
     dist.all_reduce(size, op=dist.ReduceOp.MAX, group=group)
     if int(size[0]) != -int(size[1]):
@@ -190,12 +142,11 @@ def _all_reduce(tallies: list[_Tally], drawn: int, group: Any) -> tuple[list[_Ta
     total_drawn = int(sum(float(g[0]) for g in gathered))
     merged = []
     offset = 1
-    for t in tallies:
-        n = t.pack().numel()
-        parts = [_Tally.unpack(g[offset : offset + n].to(t.sum_mean.device)) for g in gathered]
-        acc = parts[0]
-        for p in parts[1:]:
-            acc = acc.merge(p)
+    for part in parts:
+        n = part.numel()
+        acc = PopulationStats()
+        for g in gathered:
+            acc = acc.merge(PopulationStats.unpack(g[offset : offset + n].cpu()))
         merged.append(acc)
         offset += n
     return merged, total_drawn
@@ -315,12 +266,9 @@ def recalibrate(
             for batch in stream:
                 forward(model, batch)
                 drawn += 1
-        tallies = [
-            _Tally.of(acc, bn.num_features, bn.running_mean.device)
-            for acc, (_, bn) in zip(accumulators, layers, strict=True)
-        ]
         if sync:
-            tallies, drawn = _all_reduce(tallies, drawn, process_group)
+            channels = [bn.num_features for _, bn in layers]
+            accumulators, drawn = _all_reduce(accumulators, channels, drawn, process_group)
         if drawn == 0:
             raise ValueError(
                 "recalibrate: the batch stream was empty (an exhausted iterator?); no statistics "
@@ -328,8 +276,8 @@ def recalibrate(
             )
         with torch.no_grad():
             report = [
-                _write(name, bn, tally, old, estimator)
-                for (name, bn), tally, (*_, old) in zip(layers, tallies, saved, strict=True)
+                _write(name, bn, acc, old, estimator)
+                for (name, bn), acc, (*_, old) in zip(layers, accumulators, saved, strict=True)
             ]
         updated = {id(bn) for (_, bn), r in zip(layers, report, strict=True) if r.updated}
     finally:
@@ -360,12 +308,13 @@ def recalibrate(
 
 
 def _write(
-    name: str, bn: nn.Module, tally: _Tally, old: dict[str, Tensor], estimator: Estimator
+    name: str, bn: nn.Module, acc: PopulationStats, old: dict[str, Tensor], estimator: Estimator
 ) -> LayerRecalibration:
-    batches, samples = int(tally.batches), int(tally.pooled.count)
+    batches, samples = acc.batches, acc.samples
     if batches == 0:
         return LayerRecalibration(name, 0, 0, math.nan, math.nan, False)
-    mean, var = tally.estimate(estimator)
+    mean, var = acc.estimate(estimator)
+    mean, var = mean.to(bn.running_mean.device), var.to(bn.running_var.device)
     old_mean, old_var = old["running_mean"].double(), old["running_var"].double()
     new_std = torch.sqrt(var + bn.eps)
     ratio = new_std / torch.sqrt(old_var + bn.eps)
