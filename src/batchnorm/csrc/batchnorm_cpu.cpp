@@ -16,7 +16,7 @@
 //     fixed order: no E[x²] - E[x]² cancellation (inputs like 1e4 + N(0, 1) are exact to float
 //     rounding), and results do not depend on the number of threads;
 //   * inside a chunk, sums run in 64-byte vectors with several accumulators, each lane adding at
-//     most 8 values in float before flushing into float64;
+//     most 16 values in float before flushing into float64;
 //   * x - mean is computed as x - mean_hi, mean_hi the float64 mean rounded to the compute type,
 //     and the rest (mean - mean_hi) is folded into per-channel float64 constants: exact to float
 //     rounding even when |mean| >> std;
@@ -255,9 +255,12 @@ struct ChannelAffine {
 //
 // They use explicit 64-byte vectors (GCC/Clang vector extensions: AVX-512 here, two AVX2 halves
 // elsewhere, NEON on ARM) with several independent accumulators, so a sum runs at load speed
-// instead of waiting on one add chain. Each lane adds at most 8 values in the compute type
-// (float for float/16-bit inputs) before the block is flushed into float64 accumulators; the
-// flush and the final horizontal sums run in a fixed order.
+// instead of waiting on one add chain. Each lane adds at most kBlock values in the compute type
+// (float for float/16-bit inputs: a relative error of at most ~kBlock·2⁻²⁴ per block) before the
+// block is flushed into float64 accumulators; the flush and the final horizontal sums run in a
+// fixed order. `Two` says whether a second quantity is summed (the first pass sums only x).
+
+constexpr int64_t kBlock = 16;
 
 template <typename A>
 struct VecOf;
@@ -305,6 +308,25 @@ inline vf vload(const at::BFloat16* p) {
   return f;
 }
 
+// Stores L lanes of the compute type as T (rounding to nearest even for 16-bit types).
+inline void vstore(float* p, const vf& v) { std::memcpy(p, &v, sizeof(v)); }
+inline void vstore(double* p, const vd& v) { std::memcpy(p, &v, sizeof(v)); }
+inline void vstore(at::Half* p, const vf& v) {
+  typedef _Float16 vh __attribute__((vector_size(32)));
+  const vh h = __builtin_convertvector(v, vh);
+  std::memcpy(p, &h, sizeof(h));
+}
+inline void vstore(at::BFloat16* p, const vf& v) {
+  typedef uint32_t vu32 __attribute__((vector_size(64)));
+  typedef uint16_t vu16 __attribute__((vector_size(32)));
+  vu32 u;
+  std::memcpy(&u, &v, sizeof(u));
+  const vu32 nan = reinterpret_cast<vu32>(v != v);  // all ones where v is NaN
+  const vu32 r = ((u + 0x7FFFu + ((u >> 16) & 1u)) & ~nan) | (0x7FC00000u & nan);
+  const vu16 h = __builtin_convertvector(r >> 16, vu16);
+  std::memcpy(p, &h, sizeof(h));
+}
+
 // acc (float64 lanes) += v (compute-type lanes), widening floats.
 inline void widen_add(vd& lo, vd& hi, const vf& v) {
   lo += __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), vd);
@@ -347,12 +369,12 @@ struct RunSums {
   }
 };
 
-template <typename V, int64_t L, typename Step, typename Scalar>
+template <bool Two, typename V, int64_t L, typename Step, typename Scalar>
 inline void run_sums(int64_t n, RunSums& r, const Step& step, const Scalar& scalar) {
   int64_t i = 0;
   while (i + 4 * L <= n) {
     V a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
-    const int64_t end = i + std::min<int64_t>((n - i) / (4 * L), 8) * (4 * L);
+    const int64_t end = i + std::min<int64_t>((n - i) / (4 * L), kBlock) * (4 * L);
     for (; i < end; i += 4 * L) {
       step(i, a0, b0);
       step(i + L, a1, b1);
@@ -360,13 +382,13 @@ inline void run_sums(int64_t n, RunSums& r, const Step& step, const Scalar& scal
       step(i + 3 * L, a3, b3);
     }
     widen_add(r.lo1, r.hi1, (a0 + a1) + (a2 + a3));
-    widen_add(r.lo2, r.hi2, (b0 + b1) + (b2 + b3));
+    if constexpr (Two) widen_add(r.lo2, r.hi2, (b0 + b1) + (b2 + b3));
   }
   for (; i + L <= n; i += L) {
     V a{}, b{};
     step(i, a, b);
     widen_add(r.lo1, r.hi1, a);
-    widen_add(r.lo2, r.hi2, b);
+    if constexpr (Two) widen_add(r.lo2, r.hi2, b);
   }
   for (; i < n; ++i) scalar(i, r.t1, r.t2);
 }
@@ -387,7 +409,7 @@ ChunkMoments planar_chunk_moments(const T* __restrict x, const Geometry& g, int6
   RunSums first;
   for (int64_t n = n0; n < n1; ++n) {
     const T* __restrict p = x + (n * g.C + c) * g.S;
-    run_sums<V, L>(
+    run_sums<false, V, L>(
         g.S, first, [&](int64_t i, V& a, V&) { a += vload(p + i); },
         [&](int64_t i, double& a, double&) { a += static_cast<double>(load(p[i])); });
   }
@@ -397,7 +419,7 @@ ChunkMoments planar_chunk_moments(const T* __restrict x, const Geometry& g, int6
   RunSums second;
   for (int64_t n = n0; n < n1; ++n) {
     const T* __restrict p = x + (n * g.C + c) * g.S;
-    run_sums<V, L>(
+    run_sums<true, V, L>(
         g.S, second,
         [&](int64_t i, V& a, V& b) {
           const V d = vload(p + i) - center;
@@ -428,7 +450,7 @@ void planar_chunk_grad_sums(const T* __restrict gy, const T* __restrict x, const
     const int64_t off = (n * g.C + c) * g.S;
     const T* __restrict pg = gy + off;
     const T* __restrict px = x + off;
-    run_sums<V, L>(
+    run_sums<true, V, L>(
         g.S, r,
         [&](int64_t i, V& a, V& b) {
           const V gv = vload(pg + i);
@@ -445,13 +467,13 @@ void planar_chunk_grad_sums(const T* __restrict gy, const T* __restrict x, const
 }
 
 // Rows layout: per-channel sums over a block of rows, vectorized across channels; each lane
-// adds at most 8 rows in the compute type before flushing into the float64 arrays.
+// adds at most kBlock rows in the compute type before flushing into the float64 arrays.
 // `step(r, c, a, b)` adds the terms of row r, channels [c, c + L); `scalar(r, c, a, b)` one value.
-template <typename V, int64_t L, typename Step, typename Scalar>
+template <bool Two, typename V, int64_t L, typename Step, typename Scalar>
 inline void rows_block_sums(int64_t C, int64_t r0, int64_t r1, double* __restrict s1,
                             double* __restrict s2, const Step& step, const Scalar& scalar) {
-  for (int64_t rb = r0; rb < r1; rb += 8) {
-    const int64_t re = std::min(r1, rb + 8);
+  for (int64_t rb = r0; rb < r1; rb += kBlock) {
+    const int64_t re = std::min(r1, rb + kBlock);
     int64_t c = 0;
     for (; c + 4 * L <= C; c += 4 * L) {  // four independent accumulator pairs per row
       V a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
@@ -465,16 +487,18 @@ inline void rows_block_sums(int64_t C, int64_t r0, int64_t r1, double* __restric
       widen_store_add(s1 + c + L, a1);
       widen_store_add(s1 + c + 2 * L, a2);
       widen_store_add(s1 + c + 3 * L, a3);
-      widen_store_add(s2 + c, b0);
-      widen_store_add(s2 + c + L, b1);
-      widen_store_add(s2 + c + 2 * L, b2);
-      widen_store_add(s2 + c + 3 * L, b3);
+      if constexpr (Two) {
+        widen_store_add(s2 + c, b0);
+        widen_store_add(s2 + c + L, b1);
+        widen_store_add(s2 + c + 2 * L, b2);
+        widen_store_add(s2 + c + 3 * L, b3);
+      }
     }
     for (; c + L <= C; c += L) {
       V a{}, b{};
       for (int64_t r = rb; r < re; ++r) step(r, c, a, b);
       widen_store_add(s1 + c, a);
-      widen_store_add(s2 + c, b);
+      if constexpr (Two) widen_store_add(s2 + c, b);
     }
     for (; c < C; ++c) {
       double a = 0.0, b = 0.0;
@@ -499,13 +523,13 @@ void rows_chunk_moments(const T* __restrict x, const Geometry& g, int64_t r0, in
   double* sx = scratch;
   double* unused = scratch + C;
   std::fill(scratch, scratch + 2 * C, 0.0);
-  rows_block_sums<V, L>(
+  rows_block_sums<false, V, L>(
       C, r0, r1, sx, unused, [&](int64_t r, int64_t c, V& a, V&) { a += vload(x + r * C + c); },
       [&](int64_t r, int64_t c, double& a, double&) { a += static_cast<double>(load(x[r * C + c])); });
   for (int64_t c = 0; c < C; ++c) center[c] = static_cast<A>(sx[c] / count);
   std::fill(mean, mean + C, 0.0);
   std::fill(m2, m2 + C, 0.0);
-  rows_block_sums<V, L>(
+  rows_block_sums<true, V, L>(
       C, r0, r1, mean, m2,
       [&](int64_t r, int64_t c, V& a, V& b) {
         V cv;
@@ -534,7 +558,7 @@ void rows_chunk_grad_sums(const T* __restrict gy, const T* __restrict x, const G
   using V = typename VecT<T>::type;
   constexpr int64_t L = VecT<T>::L;
   const int64_t C = g.C;
-  rows_block_sums<V, L>(
+  rows_block_sums<true, V, L>(
       C, r0, r1, s1, s2,
       [&](int64_t r, int64_t c, V& a, V& b) {
         V h;
@@ -551,35 +575,42 @@ void rows_chunk_grad_sums(const T* __restrict gy, const T* __restrict x, const G
 }
 
 // ----------------------------------------------------------------------------------------------
-// The elementwise passes.
+// The elementwise passes, in 64-byte vectors (scalar tails).
 
 template <typename T>
 inline void planar_forward(const T* __restrict x, T* __restrict y, const Geometry& g, int64_t c,
                            int64_t n0, int64_t n1, const ChannelAffine<T>& a) {
   using A = typename Compute<T>::type;
+  constexpr int64_t L = VecT<T>::L;
   const A mh = a.mean_hi[c], k1 = a.k1[c], k3 = a.k3[c];
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t off = (n * g.C + c) * g.S;
     const T* __restrict p = x + off;
     T* __restrict q = y + off;
-#pragma omp simd
-    for (int64_t s = 0; s < g.S; ++s) store(q + s, (load(p[s]) - mh) * k1 + k3);
+    int64_t s = 0;
+    for (; s + L <= g.S; s += L) vstore(q + s, (vload(p + s) - mh) * k1 + k3);
+    for (; s < g.S; ++s) store(q + s, (load(p[s]) - mh) * k1 + k3);
   }
 }
 
 template <typename T>
 inline void rows_forward(const T* __restrict x, T* __restrict y, const Geometry& g, int64_t r0,
                          int64_t r1, const ChannelAffine<T>& a) {
-  using A = typename Compute<T>::type;
+  using V = typename VecT<T>::type;
+  constexpr int64_t L = VecT<T>::L;
   const int64_t C = g.C;
-  const A* __restrict mh = a.mean_hi;
-  const A* __restrict k1 = a.k1;
-  const A* __restrict k3 = a.k3;
   for (int64_t r = r0; r < r1; ++r) {
     const T* __restrict p = x + r * C;
     T* __restrict q = y + r * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) store(q + c, (load(p[c]) - mh[c]) * k1[c] + k3[c]);
+    int64_t c = 0;
+    for (; c + L <= C; c += L) {
+      V mh, k1, k3;
+      std::memcpy(&mh, a.mean_hi + c, sizeof(V));
+      std::memcpy(&k1, a.k1 + c, sizeof(V));
+      std::memcpy(&k3, a.k3 + c, sizeof(V));
+      vstore(q + c, (vload(p + c) - mh) * k1 + k3);
+    }
+    for (; c < C; ++c) store(q + c, (load(p[c]) - a.mean_hi[c]) * a.k1[c] + a.k3[c]);
   }
 }
 
@@ -588,38 +619,41 @@ inline void planar_backward(const T* __restrict gy, const T* __restrict x, T* __
                             const Geometry& g, int64_t c, int64_t n0, int64_t n1,
                             const ChannelAffine<T>& a) {
   using A = typename Compute<T>::type;
+  constexpr int64_t L = VecT<T>::L;
   const A mh = a.mean_hi[c], k1 = a.k1[c], k2 = a.k2[c], k3 = a.k3[c];
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t off = (n * g.C + c) * g.S;
     const T* __restrict pg = gy + off;
     const T* __restrict px = x + off;
     T* __restrict q = dx + off;
-#pragma omp simd
-    for (int64_t s = 0; s < g.S; ++s) {
-      const A cx = load(px[s]) - mh;
-      store(q + s, k1 * load(pg[s]) - (k2 * cx + k3));
-    }
+    int64_t s = 0;
+    for (; s + L <= g.S; s += L)
+      vstore(q + s, k1 * vload(pg + s) - (k2 * (vload(px + s) - mh) + k3));
+    for (; s < g.S; ++s) store(q + s, k1 * load(pg[s]) - (k2 * (load(px[s]) - mh) + k3));
   }
 }
 
 template <typename T>
 inline void rows_backward(const T* __restrict gy, const T* __restrict x, T* __restrict dx,
                           const Geometry& g, int64_t r0, int64_t r1, const ChannelAffine<T>& a) {
-  using A = typename Compute<T>::type;
+  using V = typename VecT<T>::type;
+  constexpr int64_t L = VecT<T>::L;
   const int64_t C = g.C;
-  const A* __restrict mh = a.mean_hi;
-  const A* __restrict k1 = a.k1;
-  const A* __restrict k2 = a.k2;
-  const A* __restrict k3 = a.k3;
   for (int64_t r = r0; r < r1; ++r) {
     const T* __restrict pg = gy + r * C;
     const T* __restrict px = x + r * C;
     T* __restrict q = dx + r * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const A cx = load(px[c]) - mh[c];
-      store(q + c, k1[c] * load(pg[c]) - (k2[c] * cx + k3[c]));
+    int64_t c = 0;
+    for (; c + L <= C; c += L) {
+      V mh, k1, k2, k3;
+      std::memcpy(&mh, a.mean_hi + c, sizeof(V));
+      std::memcpy(&k1, a.k1 + c, sizeof(V));
+      std::memcpy(&k2, a.k2 + c, sizeof(V));
+      std::memcpy(&k3, a.k3 + c, sizeof(V));
+      vstore(q + c, k1 * vload(pg + c) - (k2 * (vload(px + c) - mh) + k3));
     }
+    for (; c < C; ++c)
+      store(q + c, a.k1[c] * load(pg[c]) - (a.k2[c] * (load(px[c]) - a.mean_hi[c]) + a.k3[c]));
   }
 }
 

@@ -60,7 +60,7 @@ def cache_root() -> Path:
 
 def _flags() -> list[str]:
     arch = os.environ.get("BATCHNORM_CPU_ARCH", "native")
-    return ["-O3", f"-march={arch}", "-fopenmp", "-std=c++17"]
+    return ["-O3", f"-march={arch}", "-fopenmp"]  # the C++ standard is torch's choice
 
 
 def _cpu_signature() -> str:
