@@ -164,6 +164,17 @@ struct ParamView {
   const void* data = nullptr;
   at::ScalarType type = at::kFloat;
   explicit operator bool() const { return data != nullptr; }
+  // All C values as double into out (the dtype switch once, not per value); false if absent.
+  bool fill(double* out, int64_t C) const {
+    if (!data) return false;
+    switch (type) {
+      case at::kFloat: std::copy_n(static_cast<const float*>(data), C, out); break;
+      case at::kDouble: std::copy_n(static_cast<const double*>(data), C, out); break;
+      default:
+        for (int64_t c = 0; c < C; ++c) out[c] = (*this)[c];
+    }
+    return true;
+  }
   double operator[](int64_t c) const {
     switch (type) {
       case at::kFloat: return static_cast<const float*>(data)[c];
@@ -237,6 +248,19 @@ struct ChannelAffine {
     const double scale = gamma ? gamma[c] * inv : inv;
     k1[c] = static_cast<A>(scale);
     k3[c] = static_cast<A>((beta ? beta[c] : 0.0) - lo * scale);
+  }
+  // forward_constants for every channel in loops the compiler vectorizes (gamma/beta: C doubles
+  // or null). The same arithmetic as forward_constants.
+  void forward_constants_all(int64_t C, const double* mean, const double* var, double eps,
+                             const double* gamma, const double* beta) {
+    for (int64_t c = 0; c < C; ++c) {
+      const double inv = 1.0 / std::sqrt(var[c] + eps);
+      mean_hi[c] = static_cast<A>(mean[c]);
+      const double lo = mean[c] - static_cast<double>(mean_hi[c]);
+      const double scale = gamma ? gamma[c] * inv : inv;
+      k1[c] = static_cast<A>(scale);
+      k3[c] = static_cast<A>((beta ? beta[c] : 0.0) - lo * scale);
+    }
   }
   // dl/dx = γ·inv/m · (m g - Σg - x̂ Σg x̂) with x̂ = (x - mean)·inv and s2 = Σ g (x - mean)
   void backward_constants(int64_t c, double mean, double inv, double s1, double s2, double m,
@@ -741,9 +765,9 @@ void planar_driver(const Geometry& g, const Sums& sums, const Finish& finish, co
 }
 
 // Rows: `sums(r0, r1, first, second)` fills per-channel arrays first[C], second[C] for one chunk
-// of rows; `finish(c, partials)` combines the chunks of channel c; `apply(r0, r1)` is the pass.
-// `combine` folds chunk k's per-channel arrays into the running arrays, channel by channel in
-// contiguous memory (the same per-channel arithmetic in the same chunk order as Partials).
+// of rows; the chunks are combined channel by channel in contiguous memory (the same per-channel
+// arithmetic, in the same chunk order, as Partials); `finish(first, second)` gets the combined
+// arrays of all channels; `apply(r0, r1)` is the pass.
 template <typename Sums, typename Finish, typename Apply>
 void rows_driver(const Geometry& g, const Sums& sums, const Finish& finish, const Apply& apply,
                  bool has_apply, bool moments) {
@@ -779,9 +803,7 @@ void rows_driver(const Geometry& g, const Sums& sums, const Finish& finish, cons
     }
     n = total;
   }
-  Chunking one = ch;
-  one.count = 1;  // the combined chunk
-  for (int64_t c = 0; c < C; ++c) finish(c, Partials{&part[c], 2 * C, C, one, g.rows(), 1});
+  finish(static_cast<const double*>(first), static_cast<const double*>(second));
   if (!has_apply) return;
   parallel(ch.count, g.total(), [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
@@ -829,7 +851,19 @@ void forward_kernel(const T* x, T* y, const Geometry& g, double* mean, double* v
           center.resize(g.C);
           rows_chunk_moments(x, g, r0, r1, chunk_mean, chunk_m2, scratch.data(), center.data());
         },
-        finish, [&](int64_t r0, int64_t r1) { rows_forward(x, y, g, r0, r1, *a); }, apply,
+        [&](const double* merged_mean, const double* merged_m2) {
+          for (int64_t c = 0; c < g.C; ++c) {
+            mean[c] = merged_mean[c];
+            var[c] = merged_m2[c] / m;  // Alg. 1: the biased variance
+          }
+          if (!apply) return;
+          std::vector<double> params(2 * g.C);
+          const bool has_g = gamma.fill(params.data(), g.C);
+          const bool has_b = beta.fill(params.data() + g.C, g.C);
+          a->forward_constants_all(g.C, mean, var, eps, has_g ? params.data() : nullptr,
+                                   has_b ? params.data() + g.C : nullptr);
+        },
+        [&](int64_t r0, int64_t r1) { rows_forward(x, y, g, r0, r1, *a); }, apply,
         /*moments=*/true);
   }
 }
@@ -884,7 +918,16 @@ void backward_kernel(const T* gy, const T* x, T* dx, const Geometry& g, const do
         [&](int64_t r0, int64_t r1, double* s1, double* s2) {
           rows_chunk_grad_sums(gy, x, g, r0, r1, a.mean_hi, s1, s2);
         },
-        finish, [&](int64_t r0, int64_t r1) { rows_backward(gy, x, dx, g, r0, r1, a); }, apply,
+        [&](const double* s1, const double* s2) {
+          for (int64_t c = 0; c < g.C; ++c) {
+            sum_g[c] = s1[c];
+            sum_gc[c] = s2[c] - lo[c] * s1[c];  // Σg(x - mean) = Σg(x - mean_hi) - lo·Σg
+          }
+          if (apply)
+            for (int64_t c = 0; c < g.C; ++c)
+              a.backward_constants(c, mean[c], inv[c], sum_g[c], sum_gc[c], m, gamma);
+        },
+        [&](int64_t r0, int64_t r1) { rows_backward(gy, x, dx, g, r0, r1, a); }, apply,
         /*moments=*/false);
   }
 }
@@ -1222,24 +1265,27 @@ int64_t abi_version() { return 2; }
 }  // namespace
 
 // The eager Python entry of train_forward: pybind11 costs about a microsecond per call where the
-// generic torch.ops path costs several. Returns (y, mean, var, first_skip): first_skip is true
-// when this call moved nonfinite_count from 0, so Python can warn once without reading the
-// counter on every step. Tracing (torch.compile, fx) uses the registered op instead.
+// generic torch.ops path costs several. Returns (y, mean, var, skipped): skipped is true when
+// the guard refused to write this batch's statistics into the running buffers, so Python can
+// warn without reading a counter on every step. Tracing (torch.compile, fx) uses the op instead.
 std::tuple<Tensor, Tensor, Tensor, bool> train_forward_entry(
     const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
     const std::optional<Tensor>& num_batches_tracked,
     const std::optional<Tensor>& nonfinite_count, std::optional<double> momentum, double eps,
     bool guard) {
-  const int64_t* counter = nullptr;
-  if (nonfinite_count.has_value() && nonfinite_count->defined() &&
-      nonfinite_count->device().is_cpu() && nonfinite_count->scalar_type() == at::kLong)
-    counter = nonfinite_count->const_data_ptr<int64_t>();
-  const int64_t before = counter ? *counter : 0;
   auto [y, mean, var] = call_train_forward(input, weight, bias, running_mean, running_var,
                                            num_batches_tracked, nonfinite_count, momentum, eps,
                                            guard);
-  return {y, mean, var, counter != nullptr && before == 0 && *counter > 0};
+  bool skipped = false;
+  if (guard && ((running_mean.has_value() && running_mean->defined()) ||
+                (running_var.has_value() && running_var->defined()))) {
+    const double* mp = mean.const_data_ptr<double>();
+    const double* vp = var.const_data_ptr<double>();
+    for (int64_t c = 0; c < mean.numel() && !skipped; ++c)
+      skipped = !(std::isfinite(mp[c]) && std::isfinite(vp[c]));
+  }
+  return {y, mean, var, skipped};
 }
 
 TORCH_LIBRARY(batchnorm, m) {
@@ -1276,5 +1322,5 @@ TORCH_LIBRARY_IMPL(batchnorm, Autograd, m) { m.impl("train_forward", &train_forw
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("train_forward", &batchnorm::train_forward_entry,
-        "Training-mode BN forward with autograd: (y, mean, var, first_skip)");
+        "Training-mode BN forward with autograd: (y, mean, var, skipped)");
 }

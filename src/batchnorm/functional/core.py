@@ -154,11 +154,9 @@ def _train(
     ``describe`` names the layer in the non-finite warning; a callable is only called then.
     """
     tracked = running_mean is not None or running_var is not None
-    if guard and tracked and nonfinite_count is None:
-        nonfinite_count = torch.zeros((), dtype=torch.long, device=x.device)
     backend = select_backend(x)
     if backend == "fused" and not torch.compiler.is_compiling():
-        y, mean, var, first_skip = kernels.module().train_forward(
+        y, mean, var, skipped = kernels.module().train_forward(
             x,
             weight,
             bias,
@@ -183,10 +181,8 @@ def _train(
             eps,
             guard,
         )
-        first_skip = False
+        skipped = False
     else:
-        # Read a CPU counter only: reading a CUDA one would synchronize every step.
-        before = int(nonfinite_count) if tracked and guard and x.is_cpu else None
         if backend == "python":
             y, mean, var = BatchNormFunction.apply(x, weight, bias, eps)
         else:
@@ -206,8 +202,15 @@ def _train(
             momentum,
             guard,
         )
-        first_skip = before == 0 and int(nonfinite_count) > 0
-    if first_skip:
+        # Only on CPU: reading a CUDA value would synchronize every step.
+        skipped = (
+            guard
+            and tracked
+            and x.is_cpu
+            and not bool(torch.isfinite(mean).all() & torch.isfinite(var).all())
+        )
+    # Warn on a layer's first skip (its counter just became 1), or on every skip without one.
+    if skipped and (nonfinite_count is None or int(nonfinite_count) == 1):
         warnings.warn(
             nonfinite_message(describe if isinstance(describe, str) else describe()),
             UserWarning,
