@@ -177,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"momentum of BN's moving-average statistics (default {d.momentum})",
     )
     m.add_argument(
+        "--threads",
+        type=int,
+        help=f"intra-op threads while training (default {d.threads}: fastest at this size)",
+    )
+    m.add_argument(
         "--dataset", choices=["mnist", "fashion-mnist"], help=f"data set (default {d.dataset})"
     )
     m.add_argument(
