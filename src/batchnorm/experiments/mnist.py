@@ -589,7 +589,7 @@ def _run(
                 net.train_s += time.perf_counter() - t0
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 rec = _evaluate(cfg, d, step, plain, bn, step - last_eval)
-                rec["train_s_plain"], rec["train_s_bn"] = plain.train_s, bn.train_s
+                rec["train_plain_s"], rec["train_bn_s"] = plain.train_s, bn.train_s
                 last_eval = step
                 checkpoint(step, rec)
                 if bar is not None:

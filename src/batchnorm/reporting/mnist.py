@@ -148,7 +148,7 @@ def summarize(run: Run) -> Summary:
         steps, acc = run.series(f"test_acc_{net}")
         to[net] = {f"{t:.2f}": _first_step(steps, acc, t) for t in THRESHOLDS}
         to[net]["plain_final"] = _first_step(steps, acc, final["plain"])
-    train_s = {net: last.get(f"train_s_{net}", math.nan) for net in ("plain", "bn")}
+    train_s = {net: last.get(f"train_{net}_s", math.nan) for net in ("plain", "bn")}
     wall = sum(train_s.values()) + sum(r.get("eval_s", 0.0) for r in run.records)
     return Summary(
         steps=last["step"],
