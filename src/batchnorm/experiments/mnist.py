@@ -42,7 +42,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -389,8 +389,8 @@ class _Net:
     name: str
     model: nn.Sequential
     opt: torch.optim.SGD
-    loss_sum: Tensor
-    train_s: float = 0.0
+    loss_sum: Tensor = field(default_factory=lambda: torch.zeros(()))  # since the last evaluation
+    train_s: float = 0.0  # seconds spent in this network's SGD steps, over all sessions
 
 
 def _accuracy_and_loss(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
@@ -502,12 +502,11 @@ def run(
 def _run(
     cfg: MnistConfig, run_dir: Path, d: MnistData, progress: bool, echo: Callable[[str], None]
 ) -> Path:
-
-    plain = _Net("plain", build_mlp(cfg, bn=False), None, torch.zeros(()))  # type: ignore[arg-type]
-    bn = _Net("bn", build_mlp(cfg, bn=True), None, torch.zeros(()))  # type: ignore[arg-type]
-    for net in (plain, bn):
-        net.opt = torch.optim.SGD(net.model.parameters(), lr=cfg.lr)
-    torch.manual_seed(cfg.seed)
+    plain, bn = (
+        _Net(name, model, torch.optim.SGD(model.parameters(), lr=cfg.lr))
+        for name, model in (("plain", build_mlp(cfg, bn=False)), ("bn", build_mlp(cfg, bn=True)))
+    )
+    torch.manual_seed(cfg.seed)  # nothing draws from it today; saved and restored all the same
 
     ckpt_path = run_dir / CHECKPOINT
     records: list[dict] = []

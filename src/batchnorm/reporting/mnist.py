@@ -36,7 +36,9 @@ __all__ = [
 # The paper prints no numbers for Figure 1: these are read off the plot by eye (see the spec).
 PAPER = {"bn": (0.98, 0.99), "plain": (0.96, 0.97)}
 PAPER_STEPS = 50_000
-READING_TOL = 0.005  # how far outside a by-eye range still counts as inside it
+# A by-eye reading of a 0.7-1.0 axis is good to about half a percentage point: within READING_TOL of
+# the range counts as reproduced, within 3x that as partly.
+READING_TOL = 0.0025
 THRESHOLDS = (0.95, 0.97)
 NETS = {
     "plain": "without BN",
@@ -184,8 +186,8 @@ def _verdicts(
             verdict = f"not comparable: this run has fewer than the paper's {PAPER_STEPS:,} steps"
         elif lo - READING_TOL <= m <= hi + READING_TOL:
             verdict = "reproduced"
-        elif lo - 2 * READING_TOL <= m <= hi + 2 * READING_TOL:
-            verdict = "partly (just outside the by-eye range)"
+        elif lo - 3 * READING_TOL <= m <= hi + 3 * READING_TOL:
+            verdict = "partly (just " + ("above" if m > hi else "below") + " the by-eye range)"
         else:
             verdict = "not reproduced (" + ("higher" if m > hi else "lower") + ")"
         out.append(
@@ -210,27 +212,38 @@ def _verdicts(
             verdict,
         )
     )
-    ratios_u = [
-        s.drift["plain"]["unit_median_range"] / max(s.drift["bn"]["unit_median_range"], 1e-12)
-        for s in summaries
-    ]
-    ratios_l = [
-        s.drift["plain"]["layer_median_range"] / max(s.drift["bn"]["layer_median_range"], 1e-12)
-        for s in summaries
-    ]
-    ok_u, ok_l = min(ratios_u) >= 2, min(ratios_l) >= 2
-    verdict = "reproduced" if ok_u and ok_l else "partly" if ok_u or ok_l else "not reproduced"
-    out.append(
+    for what, key, claim in (
         (
-            "sigmoid-input percentiles drift without BN, stay nearly flat with BN",
-            "the median moves "
-            + ", ".join(f"{r:.1f}×" for r in ratios_u)
-            + " more without BN for the drawn unit, "
-            + ", ".join(f"{r:.1f}×" for r in ratios_l)
-            + " averaged over the layer's units",
-            verdict,
+            "median",
+            "median_range",
+            "the median of a unit's sigmoid input drifts without BN, stays nearly flat with BN",
+        ),
+        (
+            "15–85 spread",
+            "spread_range",
+            "the spread (15th–85th percentile) drifts without BN, stays nearly flat with BN",
+        ),
+    ):
+        ratios = {
+            scope: [
+                s.drift["plain"][f"{scope}_{key}"] / max(s.drift["bn"][f"{scope}_{key}"], 1e-12)
+                for s in summaries
+            ]
+            for scope in ("unit", "layer")
+        }
+        ok = [min(r) >= 2 for r in ratios.values()]
+        verdict = "reproduced" if all(ok) else "partly" if any(ok) else "not reproduced"
+        out.append(
+            (
+                claim,
+                f"the {what} moves "
+                + ", ".join(f"{r:.1f}×" for r in ratios["unit"])
+                + " as much without BN as with it for the drawn unit, "
+                + ", ".join(f"{r:.1f}×" for r in ratios["layer"])
+                + " averaged over the layer's units (reproduced: ≥ 2× in both)",
+                verdict,
+            )
         )
-    )
     return out
 
 
@@ -478,6 +491,34 @@ def _sensitivity_text(run: Run) -> str:
     return "\n".join(rows)
 
 
+_CHOICES = """\
+The paper leaves these open. The defaults of `batchnorm reproduce mnist`, and why (the settings a
+run actually used are in its `config.json` and its report; the table above shows how the result
+moves with the settings swept):
+
+- **Input**: binarized as `pixel >= 128` (of 0..255) → 1, else 0: a fixed threshold at half
+  intensity, the simplest deterministic reading of "binary" (about 19% of the pixels are on).
+- **Optimizer**: plain SGD, no momentum and no weight decay, the same learning rate for both
+  networks, 60 images per step, a fresh permutation of the 60,000 training images every epoch
+  (identical for both networks).
+- **Initialization**: every weight ~ N(0, init_std²), biases 0, the *same* draws for both networks.
+  0.05 is "small" (below 1/sqrt(fan-in) = 0.1 of the 100-unit layers, near 0.036 of the input
+  layer) yet lets the baseline learn within a few thousand steps; with much smaller weights the
+  gradients of the three sigmoid layers vanish and the baseline sits at chance for thousands of
+  steps (see the init-std rows).
+- **ε = 1e-5** (torch's default): the smallest hidden-layer preactivation variance at this
+  initialization is of order 100·0.05²·0.25 ≈ 0.06, so ε changes nothing; ε = 1e-3 would already
+  be about 2% of it at init.
+- **Inference statistics**: population statistics exactly as Alg. 2 (a copy of the network, each
+  BN layer's `stats_mode = "population"`, statistics reset, K = 100 random training batches of 60
+  (6,000 images) run in training mode without gradients, then `eval()`). Wu & Johnson (2021)
+  report 10³–10⁴ samples suffice; each run's report measures K at the final weights. The
+  moving-average curve uses torch's momentum 0.1.
+- **Figure 1(b, c)**: unit 0 of the last hidden layer (a fixed index, not picked for its looks),
+  percentiles over the first 1,000 test images with both networks in inference mode; the drift
+  table also averages over all 100 units.
+"""
+
 _SANTURKAR = (
     "These percentiles show *what* BN does to the distribution of a unit's input; they do not show "
     "that this is *why* the BN network trains faster. Santurkar et al. (2018) injected noise that "
@@ -614,6 +655,10 @@ Verdicts below are for the setting with the most seeds ({_group_label(cfg)}; {le
 
 {rows[0]}
 {chr(10).join(rows[1:])}
+
+## Choices the paper leaves open: the defaults, and why
+
+{_CHOICES}
 
 {sweep_fig}## Time
 
