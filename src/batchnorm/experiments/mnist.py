@@ -42,7 +42,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -131,17 +131,6 @@ class MnistConfig:
             raise bad(f"binarize_threshold must be in 1..255, got {self.binarize_threshold}")
         if self.dataset not in data.DATASETS:
             raise bad(f"dataset must be one of {', '.join(data.DATASETS)}, got {self.dataset!r}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> MnistConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"MnistConfig: unknown settings {sorted(unknown)}")
-        d = dict(d)
-        if "hidden" in d:
-            d["hidden"] = tuple(d["hidden"])
-        return cls(**d)
 
     def to_dict(self) -> dict:
         d = asdict(self)
