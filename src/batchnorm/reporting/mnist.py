@@ -529,14 +529,17 @@ _SANTURKAR = (
 
 
 def _timing_text(summaries: list[Summary]) -> str:
-    s = summaries[0]
+    walls = ", ".join(f"{x.wall_s:.0f} s" for x in summaries)
+    plain = ", ".join(f"{x.step_us['plain']:.0f}" for x in summaries)
+    bn = ", ".join(f"{x.step_us['bn']:.0f}" for x in summaries)
     sessions = ", ".join(str(x.sessions) for x in summaries)
     return (
-        f"Wall time of the run (training both networks + every evaluation, summed over sessions): "
-        f"**{s.wall_s:.0f} s** ({s.wall_s / 60:.1f} min) for {s.steps:,} steps. "
-        f"One SGD step: {s.step_us['plain']:.0f} µs without BN, {s.step_us['bn']:.0f} µs with BN "
-        f"(our BatchNorm1d; `python benchmarks/bm_mnist_step.py` compares it with "
-        f"torch.nn.BatchNorm1d in one process). Sessions (1 = never interrupted): {sessions}."
+        f"Wall time per run of {summaries[0].steps:,} steps (training both networks and every "
+        f"evaluation, summed over sessions; data loading and the report add a few seconds): "
+        f"**{walls}**. One SGD step: {plain} µs without BN, {bn} µs with BN (our BatchNorm1d); "
+        "`python benchmarks/bm_mnist_step.py` compares it with torch.nn.BatchNorm1d in one "
+        "process. These are wall-clock times on whatever else the machine was running. "
+        f"Sessions per run (1 = never interrupted): {sessions}."
     )
 
 
@@ -656,11 +659,11 @@ Verdicts below are for the setting with the most seeds ({_group_label(cfg)}; {le
 {rows[0]}
 {chr(10).join(rows[1:])}
 
-## Choices the paper leaves open: the defaults, and why
+{sweep_fig}## Choices the paper leaves open: the defaults, and why
 
 {_CHOICES}
 
-{sweep_fig}## Time
+## Time
 
 {_timing_text(main_s)}
 
