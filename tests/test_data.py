@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from batchnorm import data
 from batchnorm.data.idx import IdxError, parse_idx
@@ -91,6 +93,20 @@ def test_parse_idx_multibyte_types_are_big_endian():
     np.testing.assert_array_equal(parse_idx(raw), [1, -70000])
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+    cut=st.floats(0, 1, exclude_max=True),
+    seed=st.integers(0, 2**16),
+)
+def test_any_idx_round_trips_and_any_truncation_is_refused(shape, cut, seed):
+    a = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+    raw = idx_bytes(a)
+    np.testing.assert_array_equal(parse_idx(raw), a)
+    with pytest.raises(IdxError, match="truncated"):
+        parse_idx(raw[: int(cut * len(raw))])
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
@@ -154,7 +170,8 @@ def test_env_var_then_cache(isolated, monkeypatch):
 
 
 def test_explicit_data_dir_is_the_only_place_searched(isolated):
-    spec, _ = make_tiny(data.cache_dir(make_tiny(isolated / "x")[0]))  # a complete cache...
+    spec, _ = make_tiny(isolated / "cache" / "data" / "tiny")  # a complete cache...
+    assert data.load(spec).source == data.cache_dir(spec)
     (isolated / "empty").mkdir()
     with pytest.raises(data.DatasetNotFoundError) as err:
         data.load(spec, isolated / "empty")  # ...is not used when data_dir is given
