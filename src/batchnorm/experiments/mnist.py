@@ -473,6 +473,10 @@ def run(
             f"the data were prepared for {d.name!r} with threshold {d.threshold}, but the config asks "
             f"for {cfg.dataset!r} with threshold {cfg.binarize_threshold}"
         )
+    if cfg.probe_examples > len(d.x_test):
+        raise ValueError(
+            f"probe_examples = {cfg.probe_examples} exceeds the {len(d.x_test)} test images"
+        )
     if cfg.population_batches * cfg.batch_size > len(d.x_train):
         raise ValueError(
             f"population_batches × batch_size = {cfg.population_batches * cfg.batch_size} exceeds "

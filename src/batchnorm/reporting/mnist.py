@@ -315,7 +315,7 @@ def plot_figure1(run: Run, stem: Path | None = None) -> list[Path]:
         ax.set_ylim(*ylim)
     ax_b.set_ylabel("sigmoid input (15th, 50th, 85th percentile)")
     fig.suptitle(
-        f"MNIST, 784-100-100-100-10 sigmoid MLP: lr {cfg['lr']:g}, init std {cfg['init_std']:g}, "
+        f"{cfg['dataset']}, 784-100-100-100-10 sigmoid MLP: lr {cfg['lr']:g}, init std {cfg['init_std']:g}, "
         f"batch {cfg['batch_size']}, seed {cfg['seed']}",
         fontsize=10,
     )
