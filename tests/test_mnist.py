@@ -161,9 +161,16 @@ def test_quick_run_outputs_exist_and_parse(quick_run):
     assert len(env) == 1 and env[0]["seed"] == 0 and env[0]["git_revision"]
     csv_lines = (run_dir / "metrics.csv").read_text().splitlines()
     assert len(csv_lines) == 22 and "test_acc_bn_population" in csv_lines[0]
+    recs = mnist.load_records(run_dir)
     ckpt = torch.load(run_dir / mnist.CHECKPOINT, weights_only=True)
     assert ckpt["step"] == 2000 and set(ckpt["models"]) == {"plain", "bn"}
-    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    logged = events.Scalars("test_acc_bn_population")
+    assert [e.step for e in logged] == [r["step"] for r in recs]
+    assert [e.value for e in logged] == pytest.approx([r["test_acc_bn_population"] for r in recs])
     for png in (run_dir / "figure1.png", out / "report.md"):
         assert png.exists()
     img = matplotlib.image.imread(run_dir / "figure1.png")
