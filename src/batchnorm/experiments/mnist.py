@@ -570,7 +570,8 @@ def _run(
         last_eval = start_step
         for step in range(start_step + 1, cfg.steps + 1):
             idx = order.indices(step)
-            x, y = d.x_train[idx], d.y_train[idx]
+            # index_select: the same rows as x[idx], in a quarter of the time (benchmarks/)
+            x, y = d.x_train.index_select(0, idx), d.y_train.index_select(0, idx)
             for net in (plain, bn):
                 t0 = time.perf_counter()
                 loss = F.cross_entropy(net.model(x), y)
