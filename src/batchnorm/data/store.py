@@ -148,7 +148,7 @@ def locate(
 
 def read_verified(path: Path, f: FileSpec) -> bytes:
     """The decompressed content of ``path``, checked against ``f.content_md5``."""
-    in_cache = cache_root() in path.resolve().parents
+    in_cache = cache_root().resolve() in path.resolve().parents
     todo = (
         "Delete it; the next run downloads it again."
         if in_cache
