@@ -133,9 +133,9 @@ class Summary:
 
     steps: int
     final: dict[str, float]  # net -> final test accuracy
-    to_threshold: dict[
-        str, dict[str, int | None]
-    ]  # net -> {"0.95": step, ..., "plain_final": step}
+    # net -> {"0.95": step, "0.97": step, "plain_final": step}; None where never reached
+    to_threshold: dict[str, dict[str, int | None]]
+    train_loss: dict[str, float | None]  # "plain"/"bn" -> mean loss over the last interval
     drift: dict[str, dict[str, float]]
     wall_s: float  # training + evaluation, summed over sessions
     step_us: dict[str, float]  # mean time of one SGD step per network
@@ -156,6 +156,7 @@ def summarize(run: Run) -> Summary:
         steps=last["step"],
         final=final,
         to_threshold=to,
+        train_loss={net: last.get(f"train_loss_{net}") for net in ("plain", "bn")},
         drift={net: _drift(run, net) for net in ("plain", "bn")},
         wall_s=wall,
         step_us={net: 1e6 * s / max(last["step"], 1) for net, s in train_s.items()},
@@ -418,19 +419,26 @@ def _settings_table(cfg: dict) -> str:
 def _numbers_table(summaries: list[Summary]) -> str:
     steps = summaries[0].steps
     rows = [
-        "| network | final test accuracy | steps to 95% | steps to 97% | steps to the baseline's final accuracy |",
-        "|---|---|---|---|---|",
+        "| network | final test accuracy | steps to 95% | steps to 97% | steps to the baseline's final accuracy | final training loss |",
+        "|---|---|---|---|---|---|",
     ]
     for net, label in NETS.items():
+        losses = [s.train_loss["plain" if net == "plain" else "bn"] for s in summaries]
+        loss = "" if net == "bn_ema" or None in losses else _fmt_short(losses, 4)
         rows.append(
             f"| {label} | {_fmt_mean([s.final[net] for s in summaries])} | "
             + " | ".join(
                 _fmt_steps([s.to_threshold[net][k] for s in summaries], steps)
                 for k in ("0.95", "0.97", "plain_final")
             )
-            + " |"
+            + f" | {loss} |"
         )
-    return "\n".join(rows)
+    return "\n".join(rows) + (
+        "\n\nThe final training loss is the mean cross-entropy of the training batches since the "
+        "previous evaluation (the BN network's in training mode, with batch statistics). Where it "
+        "is near zero the network has fit its training set, and what limits its test accuracy is "
+        "generalization, not the speed of optimization."
+    )
 
 
 def _paper_table(summaries: list[Summary]) -> str:
@@ -464,10 +472,10 @@ def _drift_table(summaries: list[Summary], unit: int) -> str:
     return "\n".join(rows)
 
 
-def _fmt_short(vals: Sequence[float]) -> str:
+def _fmt_short(vals: Sequence[float], digits: int = 3) -> str:
     if len(vals) == 1:
-        return f"{vals[0]:.3f}"
-    return f"{statistics.fmean(vals):.3f} ± {statistics.stdev(vals):.3f}"
+        return f"{vals[0]:.{digits}f}"
+    return f"{statistics.fmean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
 
 def _verdict_table(runs: list[Run], summaries: list[Summary]) -> str:
