@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--threads",
         type=int,
-        help=f"intra-op threads while training (default {d.threads}: fastest at this size)",
+        help=f"intra-op threads while training (default {d.threads}: predictable on a shared machine)",
     )
     m.add_argument(
         "--dataset", choices=["mnist", "fashion-mnist"], help=f"data set (default {d.dataset})"

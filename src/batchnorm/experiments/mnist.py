@@ -94,10 +94,10 @@ class MnistConfig:
     binarize_threshold: int = 128  # pixel >= threshold -> 1.0
     hidden: tuple[int, ...] = (100, 100, 100)
     dataset: str = "mnist"
-    # Intra-op threads while the run trains. At 60×100 activations a second thread costs more in
-    # synchronization than it saves, and on a busy machine spinning OpenMP threads slow each step
-    # down several-fold (benchmarks/bm_mnist_step.py). Part of the config because matmul results
-    # may differ in the last bit between thread counts, and a resumed run must match.
+    # Intra-op threads while the run trains. At 60×100 activations a second thread gains about 20%
+    # on a quiet machine, but on a busy one spinning OpenMP threads made each step several times
+    # slower (benchmarks/README.md); one thread is predictable. Part of the config because matmul
+    # results may differ in the last bit between thread counts, and a resumed run must match.
     threads: int = 1
 
     def __post_init__(self) -> None:

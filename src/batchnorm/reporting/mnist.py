@@ -425,7 +425,7 @@ def _settings_table(cfg: dict) -> str:
         "hidden": "the paper",
         "seed": "weights, data order and population batches derive from it",
         "dataset": "",
-        "threads": "intra-op threads while training (1 is fastest at this size)",
+        "threads": "intra-op threads while training (1: predictable on a shared machine; benchmarks/README.md)",
     }
     rows = ["| setting | value | note |", "|---|---|---|"]
     rows += [f"| `{k}` | {v} | {why.get(k, '')} |" for k, v in cfg.items()]
@@ -623,7 +623,8 @@ population pass needs, at the final weights:
 {_timing_text([s])}
 
 torch {run.versions.get("torch", "?")}, batchnorm {run.versions.get("batchnorm", "?")}, CPU
-{env.get("cpu", "?")} ({env.get("torch_threads", "?")} threads), git {env.get("git_revision", "?")}.
+{env.get("cpu", "?")} ({env.get("cpu_count", "?")} cores, torch threads {env.get("torch_threads", "?")}), git
+{env.get("git_revision", "?")}.
 """
     path = run.path / "report.md"
     write_text(path, text)
