@@ -306,6 +306,31 @@ def test_rerun_with_other_settings_is_refused_and_loses_nothing(data_root, tmp_p
     assert (tmp_path / name / "metrics.jsonl").read_bytes() == before
 
 
+def test_damaged_checkpoint_is_reported_and_nothing_is_lost(data_root, tmp_path, capsys):
+    args = [
+        "reproduce",
+        "mnist",
+        "--data-dir",
+        str(data_root / "mnist"),
+        "--out",
+        str(tmp_path),
+        "--steps",
+        "60",
+        "--eval-every",
+        "30",
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    run_dir = tmp_path / mnist.run_name(replace(mnist.MnistConfig(), steps=60, eval_every=30))
+    ckpt = run_dir / mnist.CHECKPOINT
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # damaged after it was written
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert str(ckpt) in err and "cannot be read" in err and "Delete it" in err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
 def test_cli_errors(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         main(["reproduce", "mnist", "--lr", "fast"])

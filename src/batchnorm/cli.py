@@ -86,7 +86,7 @@ def _reproduce_mnist(args: argparse.Namespace) -> int:
             current = out / mnist.run_name(cfg)
             mnist.run(cfg, current, prepared, progress=not args.no_progress)
             report.write_run_report(report.load_run(current))
-    except mnist.RunConfigMismatchError as exc:
+    except mnist.RunError as exc:
         print(f"batchnorm reproduce mnist: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

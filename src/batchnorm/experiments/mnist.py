@@ -57,9 +57,11 @@ from ..tools import bn_layers, name_layers
 
 __all__ = [
     "CHECKPOINT",
+    "CheckpointError",
     "MnistConfig",
     "MnistData",
     "RunConfigMismatchError",
+    "RunError",
     "build_mlp",
     "load_records",
     "population_copy",
@@ -138,8 +140,16 @@ class MnistConfig:
         return d
 
 
-class RunConfigMismatchError(ValueError):
+class RunError(ValueError):
+    """A run folder cannot be resumed as it is; the message says why and what to do."""
+
+
+class RunConfigMismatchError(RunError):
     """A run folder already holds a run with different settings."""
+
+
+class CheckpointError(RunError):
+    """A run's checkpoint cannot be read."""
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -505,9 +515,19 @@ def _run(
     records: list[dict] = []
     start_step = 0
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=True)
-        if state.get("version") != _CHECKPOINT_VERSION:
-            raise ValueError(f"{ckpt_path}: unknown checkpoint version {state.get('version')!r}")
+        try:
+            state = torch.load(ckpt_path, weights_only=True)
+        except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+            raise CheckpointError(
+                f"{ckpt_path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}). Checkpoints "
+                "are written atomically, so the file was damaged afterwards. Delete it to start "
+                "this run again from step 0 (its metrics will be rewritten), or use another --out."
+            ) from exc
+        if not isinstance(state, dict) or state.get("version") != _CHECKPOINT_VERSION:
+            raise CheckpointError(
+                f"{ckpt_path} is not a checkpoint of this program (version "
+                f"{state.get('version') if isinstance(state, dict) else None!r}); use another --out"
+            )
         for net in (plain, bn):
             net.model.load_state_dict(state["models"][net.name])
             net.opt.load_state_dict(state["optimizers"][net.name])
