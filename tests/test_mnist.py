@@ -251,7 +251,14 @@ def test_killed_run_resumes_to_the_same_metrics(sig, uninterrupted, data_root, t
     name = uninterrupted.name
     out = tmp_path / "killed"
     proc = subprocess.Popen(
-        cli(out, data_root), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cli(out, data_root),
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # as in a terminal: a shell running pytest in the background ignores SIGINT, and children
+        # inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     wait_for_records(out / name, 4, proc)  # killed mid-run, after a few checkpoints
     proc.send_signal(sig)
@@ -304,6 +311,27 @@ def test_rerun_with_other_settings_is_refused_and_loses_nothing(data_root, tmp_p
     assert (tmp_path / name / "metrics.jsonl").read_bytes() == before
     assert main(args) == 0  # the same command again: already complete, nothing changes
     assert (tmp_path / name / "metrics.jsonl").read_bytes() == before
+
+
+def test_a_run_folder_in_use_is_refused(tmp_path, mnist_data):
+    cfg = replace(mnist.MnistConfig(), steps=30, eval_every=30)
+    run_dir = tmp_path / mnist.run_name(cfg)
+    run_dir.mkdir()
+    hold = (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+        "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"
+    )
+    cmd = [sys.executable, "-c", hold, str(run_dir / ".lock")]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as holder:
+        try:
+            assert holder.stdout.readline().strip() == "locked"
+            with pytest.raises(mnist.RunError, match="in use by another process"):
+                mnist.run(cfg, run_dir, mnist_data, progress=False)
+            assert not (run_dir / "metrics.jsonl").exists()
+        finally:
+            holder.kill()
+    mnist.run(cfg, run_dir, mnist_data, progress=False)  # the lock died with its holder
+    assert len(mnist.load_records(run_dir)) == 2
 
 
 def test_damaged_checkpoint_is_reported_and_nothing_is_lost(data_root, tmp_path, capsys):

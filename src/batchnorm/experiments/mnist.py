@@ -30,6 +30,7 @@ metrics as an uninterrupted run (timing fields, whose names end in ``_s``, aside
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import hashlib
@@ -41,7 +42,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -493,13 +494,43 @@ def run(
             f"the {len(d.x_train)} training images"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    _check_or_write_config(run_dir, cfg)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
+    with _exclusive(run_dir):
+        _check_or_write_config(run_dir, cfg)
+        # A run killed hard (SIGKILL, power loss) in the middle of an atomic write leaves its
+        # temporary file behind; the lock guarantees no other process is writing one now.
+        for part in run_dir.glob(".*.part"):
+            part.unlink()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(cfg.threads)
+        try:
+            return _run(cfg, run_dir, d, progress, echo)
+        finally:
+            torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _exclusive(run_dir: Path) -> Iterator[None]:
+    """Hold an advisory lock on the run folder: two processes must not train the same run.
+
+    The operating system drops the lock when the process dies, however it dies.
+    """
     try:
-        return _run(cfg, run_dir, d, progress, echo)
-    finally:
-        torch.set_num_threads(threads)
+        import fcntl
+    except ImportError:  # not on POSIX: no lock, and the user must not start a run twice
+        yield
+        return
+    with open(run_dir / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(
+                f"{run_dir} is in use by another process running the same settings; wait for it "
+                "to finish, or stop it and run the command again to resume"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _run(
