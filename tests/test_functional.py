@@ -87,9 +87,13 @@ def test_forward_backward_match_reference_float64(backend, shape):
     affine=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.float64]),
     backend=st.sampled_from(CPU_BACKENDS),
+    seed=st.integers(0, 2**31 - 1),
 )
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_generated_inputs_match_reference(n, c, spatial, scale, offset, affine, dtype, backend):
+def test_generated_inputs_match_reference(
+    n, c, spatial, scale, offset, affine, dtype, backend, seed
+):
+    torch.manual_seed(seed)  # the values are part of the example: failures replay exactly
     shape = (n, c, *spatial)
     if n * max(1, int(torch.tensor(spatial).prod()) if spatial else 1) < 2:
         n, shape = 2, (2, c, *spatial)
@@ -123,6 +127,10 @@ def test_generated_inputs_match_reference(n, c, spatial, scale, offset, affine, 
     gtol = GRAD_F32 if dtype == torch.float32 else TOL[torch.float64]
     gtol = {k: max(v, 4 * tol[k]) for k, v in gtol.items()}
     big = max(1.0, float(dx_ref.abs().max()))
+    if backend == "native":
+        # PyTorch's float32 backward rounds terms of size ~γ/σ before they cancel (e.g. m = 2
+        # values that nearly coincide): its error scales with 1/σ.
+        big = max(big, float((var_ref + 1e-5).rsqrt().max()) * scale)
     torch.testing.assert_close(xs.grad.double(), dx_ref, rtol=gtol["rtol"], atol=gtol["atol"] * big)
     if affine:
         gbig = max(1.0, float(dw_ref.abs().max()), float(db_ref.abs().max()))

@@ -6,8 +6,18 @@ tools on whole models (:mod:`batchnorm.tools`). The experiments and the CLI live
 """
 
 from . import functional, nn, tools
-from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from .tools import convert
+from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm
+from .tools import (
+    add_batchnorm,
+    convert,
+    convert_from_sync,
+    convert_sync,
+    fold,
+    freeze,
+    freeze_stats,
+    recalibrate,
+    unfreeze_stats,
+)
 
 __version__ = "0.1.0"
 
@@ -15,9 +25,18 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "SyncBatchNorm",
     "__version__",
+    "add_batchnorm",
     "convert",
+    "convert_from_sync",
+    "convert_sync",
+    "fold",
+    "freeze",
+    "freeze_stats",
     "functional",
     "nn",
+    "recalibrate",
     "tools",
+    "unfreeze_stats",
 ]

@@ -1,27 +1,33 @@
 // Fused CPU kernels for training-mode Batch Normalization (Ioffe & Szegedy, arXiv:1502.03167).
 //
 // BN is memory-bound: the training forward must read x and write y, the backward must read x and
-// dy and write dx. PyTorch's CPU kernels make several passes over memory; these kernels make one
-// pass from memory per tensor and re-read data while it is still in cache:
+// dy and write dx. These kernels read each tensor once from memory and re-read it while it is
+// still in cache where the layout allows:
 //
-//   * "planar" inputs (contiguous N, C, *spatial with a spatial size > 1): one task per channel
-//     computes the channel's statistics and then normalizes it while its N·S values sit in L2.
+//   * "planar" inputs (contiguous N, C, *spatial with spatial size S > 1): one task per channel
+//     computes the channel's statistics and then normalizes it while its N·S values sit in L2;
 //   * "rows" inputs (2-D (N, C), and channels_last / channels_last_3d): the reduction runs over
-//     rows with per-channel accumulators in vector lanes, then an elementwise pass normalizes.
+//     rows with per-channel accumulators, then an elementwise pass applies the result.
 //
 // Numerics (see also functional/stats.py):
-//   * statistics use shifted sums accumulated in float64: d = x - x_0 per channel, Σd and Σd², so
-//     Var = (Σd² - (Σd)²/m)/m has no catastrophic cancellation for inputs like 1e4 + N(0, 1);
-//   * the reduction is split into chunks whose boundaries depend only on the shape, and chunk
-//     partials are added in a fixed order, so results do not depend on the number of threads;
-//   * y = ((x - mean_hi) - mean_lo) * scale + beta, where mean_hi + mean_lo is the float64 mean
-//     split into two floats: x - mean is exact to float rounding even when |mean| >> std;
+//   * every reduction is split into chunks (about 16K values) whose boundaries depend only on the
+//     shape. A chunk's moments are computed in two passes while it is in L1/L2 (its mean, then
+//     sums of d = x - mean), and chunks are merged with Chan et al.'s formula in float64 in a
+//     fixed order: no E[x²] - E[x]² cancellation (inputs like 1e4 + N(0, 1) are exact to float
+//     rounding), and results do not depend on the number of threads;
+//   * inside a chunk, sums run in 64-byte vectors with several accumulators, each lane adding at
+//     most 8 values in float before flushing into float64;
+//   * x - mean is computed as x - mean_hi, mean_hi the float64 mean rounded to the compute type,
+//     and the rest (mean - mean_hi) is folded into per-channel float64 constants: exact to float
+//     rounding even when |mean| >> std;
 //   * 16-bit inputs are computed in float32; batch statistics are returned in float64.
 //
-// The op `batchnorm::train_forward` also updates the running statistics (EMA or cumulative, in
-// torch's convention) and refuses to write non-finite batch statistics into them (the guard).
-// Its autograd kernel is C++ (no Python on the backward path); a double backward falls back to
-// ATen ops that recompute the statistics, so the second derivative is exact.
+// Ops (schemas at the bottom): the fused `train_forward` (statistics, normalization and the
+// running-statistics update with a non-finite guard, in one call; its autograd is C++, so a
+// training step pays one dispatch per layer and no Python on the backward path) and
+// `train_backward`; and the same work split in steps for callers that must combine statistics
+// across processes (SyncBatchNorm) or only need them: `moments`, `normalize`, `backward_reduce`,
+// `backward_elementwise`. Both families run the same reduction and elementwise loops below.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -36,8 +42,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <string>
-#include <type_traits>
 #include <vector>
 
 namespace batchnorm {
@@ -60,10 +64,8 @@ struct Compute<double> {
 inline float load(float v) { return v; }
 inline double load(double v) { return v; }
 inline float load(at::Half v) {
-  uint16_t bits;
-  std::memcpy(&bits, &v, 2);
   _Float16 h;
-  std::memcpy(&h, &bits, 2);
+  std::memcpy(&h, &v, 2);
   return static_cast<float>(h);
 }
 inline float load(at::BFloat16 v) {
@@ -88,37 +90,62 @@ inline void store(at::BFloat16* p, float v) {
 }
 
 // ----------------------------------------------------------------------------------------------
-// Shapes and chunking.
+// Shapes, chunking, threads.
 
 enum class Layout { Planar, Rows };
 
 struct Geometry {
   Layout layout;
-  int64_t N, C, S;  // planar: x[n][c][s]; rows: x[r][c] with R = N * S rows
+  int64_t N, C, S;  // planar: x[n][c][s]; rows: x[r][c] with N * S rows
   int64_t m;        // values per channel, N * S
   int64_t rows() const { return N * S; }
+  int64_t total() const { return m * C; }
 };
 
-// Chunks hold about this many values; chunk boundaries depend only on the shape.
-constexpr int64_t kChunk = 16384;
+// Returns the geometry and the tensor to read (x itself unless it had to be made contiguous).
+std::pair<Geometry, Tensor> geometry_of(const Tensor& x) {
+  TORCH_CHECK(x.dim() >= 2, "batchnorm: expected an input of shape (N, C, ...), got ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu(), "batchnorm: the fused kernels take CPU tensors, got ",
+              x.device());
+  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t S = C == 0 || N == 0 ? 0 : x.numel() / (N * C);
+  if (S == 1 && x.is_contiguous()) return {{Layout::Rows, N, C, 1, N}, x};
+  if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast))
+    return {{Layout::Rows, N, C, S, N * S}, x};
+  if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d))
+    return {{Layout::Rows, N, C, S, N * S}, x};
+  Tensor xc = x.contiguous();
+  return {{S == 1 ? Layout::Rows : Layout::Planar, N, C, S, N * S}, xc};
+}
+
+// `t` in the layout and dtype of the input geometry `g` (no copy when it already is).
+Tensor like_input(const Tensor& t, const Tensor& x, const Geometry& g) {
+  TORCH_CHECK(t.sizes() == x.sizes(), "batchnorm: a gradient of shape ", t.sizes(),
+              " does not match the input's shape ", x.sizes());
+  at::MemoryFormat fmt = at::MemoryFormat::Contiguous;
+  if (g.layout == Layout::Rows && g.S > 1)
+    fmt = x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+  Tensor out = t.scalar_type() == x.scalar_type() ? t : t.to(x.scalar_type());
+  return out.is_contiguous(fmt) ? out : out.contiguous(fmt);
+}
+
+// Chunks hold about this many values (256 KB of float32: in L2 for a chunk's second pass);
+// chunk boundaries depend only on the shape.
+constexpr int64_t kChunk = 65536;
 // Below this many values in total a call runs on one thread: a parallel region costs more.
 constexpr int64_t kSerialBelow = 32768;
 
 struct Chunking {
-  int64_t per_chunk;  // planar: batch items n per chunk; rows: rows per chunk
-  int64_t count;
+  int64_t per;    // planar: batch items n per chunk; rows: rows per chunk
+  int64_t count;  // chunks
 };
 
-Chunking planar_chunks(const Geometry& g) {
-  int64_t per = std::max<int64_t>(1, kChunk / std::max<int64_t>(g.S, 1));
-  per = std::min(per, g.N);
-  return {per, (g.N + per - 1) / per};
-}
-
-Chunking row_chunks(const Geometry& g) {
-  int64_t per = std::max<int64_t>(1, kChunk / std::max<int64_t>(g.C, 1));
-  per = std::min(per, g.rows());
-  return {per, (g.rows() + per - 1) / per};
+Chunking chunking(const Geometry& g) {
+  const int64_t span = g.layout == Layout::Planar ? g.N : g.rows();
+  const int64_t unit = g.layout == Layout::Planar ? g.S : g.C;
+  int64_t per = std::max<int64_t>(1, kChunk / std::max<int64_t>(unit, 1));
+  per = std::min(per, std::max<int64_t>(span, 1));
+  return {per, (span + per - 1) / per};
 }
 
 template <typename F>
@@ -130,23 +157,8 @@ void parallel(int64_t n, int64_t total_values, const F& f) {
   }
 }
 
-// Per-channel constants of the elementwise passes, in the compute type (one allocation).
-template <typename T>
-struct ChannelAffine {
-  using A = typename Compute<T>::type;
-  explicit ChannelAffine(int64_t C) : storage(5 * C) {
-    mean_hi = storage.data();
-    mean_lo = mean_hi + C;
-    k1 = mean_lo + C;
-    k2 = k1 + C;
-    k3 = k2 + C;
-  }
-  std::vector<A> storage;
-  A *mean_hi, *mean_lo, *k1, *k2, *k3;
-};
-
-// A read-only view of an optional per-channel parameter (γ or β) in any floating dtype, read
-// as double without an ATen conversion (this runs on every call).
+// A read-only view of an optional per-channel parameter (γ or β) in any floating dtype, read as
+// double without an ATen conversion (this runs on every call).
 struct ParamView {
   Tensor holder;  // keeps a contiguous copy alive when the parameter was not contiguous
   const void* data = nullptr;
@@ -177,259 +189,406 @@ ParamView param_view(const std::optional<Tensor>& t, int64_t C, const char* what
   return v;
 }
 
-// Split a double into hi + lo in the compute type: hi + lo == v to about twice the precision.
-template <typename A>
-inline void split(double v, A& hi, A& lo) {
-  hi = static_cast<A>(v);
-  lo = static_cast<A>(v - static_cast<double>(hi));
+// A per-channel float64 vector as a raw pointer, converting only if it is not one already.
+const double* double_vector(const Tensor& t, int64_t C, Tensor& holder, const char* what) {
+  TORCH_CHECK(t.numel() == C, "batchnorm: expected ", what, " to have ", C, " values, got shape ",
+              t.sizes());
+  holder = (t.scalar_type() == at::kDouble && t.is_contiguous() && t.device().is_cpu())
+               ? t
+               : t.to(at::kDouble).contiguous().cpu();
+  return holder.const_data_ptr<double>();
 }
 
-// ----------------------------------------------------------------------------------------------
-// Forward statistics.
+// Writes v[c] into a new per-channel tensor with the given options.
+Tensor per_channel_tensor(const double* v, int64_t C, const at::TensorOptions& opts) {
+  Tensor out = at::empty({C}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "bn_vec", [&] {
+    scalar_t* p = out.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) p[c] = static_cast<scalar_t>(v[c]);
+  });
+  return out;
+}
 
-// Σd, Σd² over batch items [n0, n1) of channel c, d = x - shift.
+// Per-channel constants of the elementwise passes, in the compute type (one allocation). With
+// mean = mean_hi + lo (mean_hi in the compute type, lo the float64 rest):
+//   forward:  y  = (x - mean_hi) * k1 + k3,            k1 = γ·inv, k3 = β - lo·k1
+//   backward: dx = k1 * g - (k2 * (x - mean_hi) + k3)  (see backward_constants)
 template <typename T>
-inline void planar_chunk_sums(const T* __restrict x, const Geometry& g, int64_t c, int64_t n0,
-                              int64_t n1, double shift, double& out1, double& out2) {
-  double a1 = 0.0, a2 = 0.0;
+struct ChannelAffine {
+  using A = typename Compute<T>::type;
+  explicit ChannelAffine(int64_t C) : storage(4 * C) {
+    mean_hi = storage.data();
+    k1 = mean_hi + C;
+    k2 = k1 + C;
+    k3 = k2 + C;
+  }
+  std::vector<A> storage;
+  A *mean_hi, *k1, *k2, *k3;
+
+  // Sets mean_hi[c]; returns lo = mean - mean_hi[c] in float64.
+  double set_mean(int64_t c, double mean) {
+    mean_hi[c] = static_cast<A>(mean);
+    return mean - static_cast<double>(mean_hi[c]);
+  }
+  void forward_constants(int64_t c, double mean, double var, double eps, const ParamView& gamma,
+                         const ParamView& beta) {
+    const double inv = 1.0 / std::sqrt(var + eps);
+    const double lo = set_mean(c, mean);
+    const double scale = gamma ? gamma[c] * inv : inv;
+    k1[c] = static_cast<A>(scale);
+    k3[c] = static_cast<A>((beta ? beta[c] : 0.0) - lo * scale);
+  }
+  // dl/dx = γ·inv/m · (m g - Σg - x̂ Σg x̂) with x̂ = (x - mean)·inv and s2 = Σ g (x - mean)
+  void backward_constants(int64_t c, double mean, double inv, double s1, double s2, double m,
+                          const ParamView& gamma) {
+    const double gm = gamma ? gamma[c] : 1.0;
+    const double lo = set_mean(c, mean);
+    const double b2 = gm * inv * inv * inv * s2 / m;
+    k1[c] = static_cast<A>(gm * inv);
+    k2[c] = static_cast<A>(b2);
+    k3[c] = static_cast<A>(gm * inv * s1 / m - b2 * lo);
+  }
+};
+
+// ----------------------------------------------------------------------------------------------
+// The reductions: the only loops that sum over data.
+//
+// They use explicit 64-byte vectors (GCC/Clang vector extensions: AVX-512 here, two AVX2 halves
+// elsewhere, NEON on ARM) with several independent accumulators, so a sum runs at load speed
+// instead of waiting on one add chain. Each lane adds at most 8 values in the compute type
+// (float for float/16-bit inputs) before the block is flushed into float64 accumulators; the
+// flush and the final horizontal sums run in a fixed order.
+
+template <typename A>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(64)));
+  static constexpr int64_t L = 16;
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(64)));
+  static constexpr int64_t L = 8;
+};
+typedef VecOf<float>::type vf;
+typedef VecOf<double>::type vd;
+
+template <typename T>
+using VecT = VecOf<typename Compute<T>::type>;
+
+// L consecutive elements of T, in the compute type.
+inline vf vload(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline vd vload(const double* p) {
+  vd v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline vf vload(const at::Half* p) {
+  typedef _Float16 vh __attribute__((vector_size(32)));
+  vh h;
+  std::memcpy(&h, p, sizeof(h));
+  return __builtin_convertvector(h, vf);
+}
+inline vf vload(const at::BFloat16* p) {
+  typedef uint16_t vu16 __attribute__((vector_size(32)));
+  typedef uint32_t vu32 __attribute__((vector_size(64)));
+  vu16 h;
+  std::memcpy(&h, p, sizeof(h));
+  const vu32 w = __builtin_convertvector(h, vu32) << 16;
+  vf f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
+}
+
+// acc (float64 lanes) += v (compute-type lanes), widening floats.
+inline void widen_add(vd& lo, vd& hi, const vf& v) {
+  lo += __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), vd);
+  hi += __builtin_convertvector(__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15), vd);
+}
+inline void widen_add(vd& lo, vd& /*hi*/, const vd& v) { lo += v; }
+
+// s[0..L) (float64 array) += v, widening floats.
+inline void widen_store_add(double* s, const vf& v) {
+  vd lo, hi;
+  std::memcpy(&lo, s, sizeof(lo));
+  std::memcpy(&hi, s + 8, sizeof(hi));
+  widen_add(lo, hi, v);
+  std::memcpy(s, &lo, sizeof(lo));
+  std::memcpy(s + 8, &hi, sizeof(hi));
+}
+inline void widen_store_add(double* s, const vd& v) {
+  vd a;
+  std::memcpy(&a, s, sizeof(a));
+  a += v;
+  std::memcpy(s, &a, sizeof(a));
+}
+
+inline double hsum(const vd& lo, const vd& hi) {
+  double s = 0.0;
+  for (int i = 0; i < 8; ++i) s += lo[i];
+  for (int i = 0; i < 8; ++i) s += hi[i];
+  return s;
+}
+
+// Sums over a contiguous run p[0..n) of f(i) for up to two quantities, accumulated as above.
+// `step(i, a, b)` adds the terms of the L elements at i into the vectors a and b;
+// `scalar(i, a, b)` adds the terms of element i into doubles.
+struct RunSums {
+  vd lo1{}, hi1{}, lo2{}, hi2{};
+  double t1 = 0.0, t2 = 0.0;
+  void result(double& s1, double& s2) const {
+    s1 = hsum(lo1, hi1) + t1;
+    s2 = hsum(lo2, hi2) + t2;
+  }
+};
+
+template <typename V, int64_t L, typename Step, typename Scalar>
+inline void run_sums(int64_t n, RunSums& r, const Step& step, const Scalar& scalar) {
+  int64_t i = 0;
+  while (i + 4 * L <= n) {
+    V a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
+    const int64_t end = i + std::min<int64_t>((n - i) / (4 * L), 8) * (4 * L);
+    for (; i < end; i += 4 * L) {
+      step(i, a0, b0);
+      step(i + L, a1, b1);
+      step(i + 2 * L, a2, b2);
+      step(i + 3 * L, a3, b3);
+    }
+    widen_add(r.lo1, r.hi1, (a0 + a1) + (a2 + a3));
+    widen_add(r.lo2, r.hi2, (b0 + b1) + (b2 + b3));
+  }
+  for (; i + L <= n; i += L) {
+    V a{}, b{};
+    step(i, a, b);
+    widen_add(r.lo1, r.hi1, a);
+    widen_add(r.lo2, r.hi2, b);
+  }
+  for (; i < n; ++i) scalar(i, r.t1, r.t2);
+}
+
+// Moments of one chunk of one channel, two-pass while the chunk is in L1/L2: the chunk mean,
+// then Σd and Σd² with d = x - mean_hi (no cancellation whatever the offset or the data order).
+struct ChunkMoments {
+  double mean, m2;
+};
+
+template <typename T>
+ChunkMoments planar_chunk_moments(const T* __restrict x, const Geometry& g, int64_t c,
+                                  int64_t n0, int64_t n1) {
+  using A = typename Compute<T>::type;
+  using V = typename VecT<T>::type;
+  constexpr int64_t L = VecT<T>::L;
+  const double count = static_cast<double>((n1 - n0) * g.S);
+  RunSums first;
   for (int64_t n = n0; n < n1; ++n) {
     const T* __restrict p = x + (n * g.C + c) * g.S;
-#pragma omp simd reduction(+ : a1, a2)
-    for (int64_t s = 0; s < g.S; ++s) {
-      double d = static_cast<double>(load(p[s])) - shift;
-      a1 += d;
-      a2 += d * d;
-    }
+    run_sums<V, L>(
+        g.S, first, [&](int64_t i, V& a, V&) { a += vload(p + i); },
+        [&](int64_t i, double& a, double&) { a += static_cast<double>(load(p[i])); });
   }
-  out1 = a1;
-  out2 = a2;
+  double sx, unused;
+  first.result(sx, unused);
+  const A center = static_cast<A>(sx / count);
+  RunSums second;
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* __restrict p = x + (n * g.C + c) * g.S;
+    run_sums<V, L>(
+        g.S, second,
+        [&](int64_t i, V& a, V& b) {
+          const V d = vload(p + i) - center;
+          a += d;
+          b += d * d;
+        },
+        [&](int64_t i, double& a, double& b) {
+          const double d = static_cast<double>(load(p[i]) - center);
+          a += d;
+          b += d * d;
+        });
+  }
+  double sd, sdd;
+  second.result(sd, sdd);
+  const double m2 = sdd - sd * (sd / count);
+  return {static_cast<double>(center) + sd / count, m2 < 0.0 ? 0.0 : m2};
 }
 
-// Σd, Σd² per channel over rows [r0, r1), accumulated into s1[C], s2[C].
+// Σg and Σg(x - mean_hi) over one chunk of one channel (the caller corrects for mean - mean_hi).
 template <typename T>
-inline void row_chunk_sums(const T* __restrict x, const Geometry& g, int64_t r0, int64_t r1,
-                           const double* __restrict shift, double* __restrict s1,
-                           double* __restrict s2) {
-  const int64_t C = g.C;
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* __restrict p = x + r * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      double d = static_cast<double>(load(p[c])) - shift[c];
-      s1[c] += d;
-      s2[c] += d * d;
+void planar_chunk_grad_sums(const T* __restrict gy, const T* __restrict x, const Geometry& g,
+                            int64_t c, int64_t n0, int64_t n1, typename Compute<T>::type mh,
+                            double& s1, double& s2) {
+  using V = typename VecT<T>::type;
+  constexpr int64_t L = VecT<T>::L;
+  RunSums r;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t off = (n * g.C + c) * g.S;
+    const T* __restrict pg = gy + off;
+    const T* __restrict px = x + off;
+    run_sums<V, L>(
+        g.S, r,
+        [&](int64_t i, V& a, V& b) {
+          const V gv = vload(pg + i);
+          a += gv;
+          b += gv * (vload(px + i) - mh);
+        },
+        [&](int64_t i, double& a, double& b) {
+          const auto gv = load(pg[i]);
+          a += static_cast<double>(gv);
+          b += static_cast<double>(gv * (load(px[i]) - mh));
+        });
+  }
+  r.result(s1, s2);
+}
+
+// Rows layout: per-channel sums over a block of rows, vectorized across channels; each lane
+// adds at most 8 rows in the compute type before flushing into the float64 arrays.
+// `step(r, c, a, b)` adds the terms of row r, channels [c, c + L); `scalar(r, c, a, b)` one value.
+template <typename V, int64_t L, typename Step, typename Scalar>
+inline void rows_block_sums(int64_t C, int64_t r0, int64_t r1, double* __restrict s1,
+                            double* __restrict s2, const Step& step, const Scalar& scalar) {
+  for (int64_t rb = r0; rb < r1; rb += 8) {
+    const int64_t re = std::min(r1, rb + 8);
+    int64_t c = 0;
+    for (; c + 4 * L <= C; c += 4 * L) {  // four independent accumulator pairs per row
+      V a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
+      for (int64_t r = rb; r < re; ++r) {
+        step(r, c, a0, b0);
+        step(r, c + L, a1, b1);
+        step(r, c + 2 * L, a2, b2);
+        step(r, c + 3 * L, a3, b3);
+      }
+      widen_store_add(s1 + c, a0);
+      widen_store_add(s1 + c + L, a1);
+      widen_store_add(s1 + c + 2 * L, a2);
+      widen_store_add(s1 + c + 3 * L, a3);
+      widen_store_add(s2 + c, b0);
+      widen_store_add(s2 + c + L, b1);
+      widen_store_add(s2 + c + 2 * L, b2);
+      widen_store_add(s2 + c + 3 * L, b3);
+    }
+    for (; c + L <= C; c += L) {
+      V a{}, b{};
+      for (int64_t r = rb; r < re; ++r) step(r, c, a, b);
+      widen_store_add(s1 + c, a);
+      widen_store_add(s2 + c, b);
+    }
+    for (; c < C; ++c) {
+      double a = 0.0, b = 0.0;
+      for (int64_t r = rb; r < re; ++r) scalar(r, c, a, b);
+      s1[c] += a;
+      s2[c] += b;
     }
   }
 }
 
-inline void finish_moments(double shift, double s1, double s2, double m, double& mean,
-                           double& var) {
-  mean = shift + s1 / m;
-  const double v = (s2 - s1 * (s1 / m)) / m;  // Alg. 1: biased variance
-  var = v < 0.0 ? 0.0 : v;  // clamp rounding below zero; a NaN stays NaN (std::max would drop it)
+// Per-channel moments of rows [r0, r1): chunk means, then centered sums (two passes over a chunk
+// that is in L1/L2). Writes mean[C] and m2[C]; `scratch` holds 2·C doubles and C compute values.
+template <typename T>
+void rows_chunk_moments(const T* __restrict x, const Geometry& g, int64_t r0, int64_t r1,
+                        double* __restrict mean, double* __restrict m2, double* __restrict scratch,
+                        typename Compute<T>::type* __restrict center) {
+  using A = typename Compute<T>::type;
+  using V = typename VecT<T>::type;
+  constexpr int64_t L = VecT<T>::L;
+  const int64_t C = g.C;
+  const double count = static_cast<double>(r1 - r0);
+  double* sx = scratch;
+  double* unused = scratch + C;
+  std::fill(scratch, scratch + 2 * C, 0.0);
+  rows_block_sums<V, L>(
+      C, r0, r1, sx, unused, [&](int64_t r, int64_t c, V& a, V&) { a += vload(x + r * C + c); },
+      [&](int64_t r, int64_t c, double& a, double&) { a += static_cast<double>(load(x[r * C + c])); });
+  for (int64_t c = 0; c < C; ++c) center[c] = static_cast<A>(sx[c] / count);
+  std::fill(mean, mean + C, 0.0);
+  std::fill(m2, m2 + C, 0.0);
+  rows_block_sums<V, L>(
+      C, r0, r1, mean, m2,
+      [&](int64_t r, int64_t c, V& a, V& b) {
+        V cv;
+        std::memcpy(&cv, center + c, sizeof(cv));
+        const V d = vload(x + r * C + c) - cv;
+        a += d;
+        b += d * d;
+      },
+      [&](int64_t r, int64_t c, double& a, double& b) {
+        const double d = static_cast<double>(load(x[r * C + c]) - center[c]);
+        a += d;
+        b += d * d;
+      });
+  for (int64_t c = 0; c < C; ++c) {
+    const double sd = mean[c], v = m2[c] - sd * (sd / count);
+    mean[c] = static_cast<double>(center[c]) + sd / count;
+    m2[c] = v < 0.0 ? 0.0 : v;
+  }
+}
+
+// Per-channel Σg and Σg(x - mean_hi) over rows [r0, r1), added into s1[C], s2[C].
+template <typename T>
+void rows_chunk_grad_sums(const T* __restrict gy, const T* __restrict x, const Geometry& g,
+                          int64_t r0, int64_t r1, const typename Compute<T>::type* __restrict mh,
+                          double* __restrict s1, double* __restrict s2) {
+  using V = typename VecT<T>::type;
+  constexpr int64_t L = VecT<T>::L;
+  const int64_t C = g.C;
+  rows_block_sums<V, L>(
+      C, r0, r1, s1, s2,
+      [&](int64_t r, int64_t c, V& a, V& b) {
+        V h;
+        std::memcpy(&h, mh + c, sizeof(h));
+        const V gv = vload(gy + r * C + c);
+        a += gv;
+        b += gv * (vload(x + r * C + c) - h);
+      },
+      [&](int64_t r, int64_t c, double& a, double& b) {
+        const auto gv = load(gy[r * C + c]);
+        a += static_cast<double>(gv);
+        b += static_cast<double>(gv * (load(x[r * C + c]) - mh[c]));
+      });
 }
 
 // ----------------------------------------------------------------------------------------------
-// Forward elementwise pass: y = ((x - mean_hi) - mean_lo) * scale + beta  (k1 = scale, k3 = beta)
+// The elementwise passes.
 
 template <typename T>
-inline void planar_normalize(const T* __restrict x, T* __restrict y, const Geometry& g, int64_t c,
-                             int64_t n0, int64_t n1, const ChannelAffine<T>& a) {
+inline void planar_forward(const T* __restrict x, T* __restrict y, const Geometry& g, int64_t c,
+                           int64_t n0, int64_t n1, const ChannelAffine<T>& a) {
   using A = typename Compute<T>::type;
-  const A mh = a.mean_hi[c], ml = a.mean_lo[c], sc = a.k1[c], b = a.k3[c];
+  const A mh = a.mean_hi[c], k1 = a.k1[c], k3 = a.k3[c];
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t off = (n * g.C + c) * g.S;
     const T* __restrict p = x + off;
     T* __restrict q = y + off;
 #pragma omp simd
-    for (int64_t s = 0; s < g.S; ++s) {
-      A v = load(p[s]);
-      store(q + s, ((v - mh) - ml) * sc + b);
-    }
+    for (int64_t s = 0; s < g.S; ++s) store(q + s, (load(p[s]) - mh) * k1 + k3);
   }
 }
 
 template <typename T>
-inline void rows_normalize(const T* __restrict x, T* __restrict y, const Geometry& g, int64_t r0,
-                           int64_t r1, const ChannelAffine<T>& a) {
+inline void rows_forward(const T* __restrict x, T* __restrict y, const Geometry& g, int64_t r0,
+                         int64_t r1, const ChannelAffine<T>& a) {
   using A = typename Compute<T>::type;
   const int64_t C = g.C;
   const A* __restrict mh = a.mean_hi;
-  const A* __restrict ml = a.mean_lo;
-  const A* __restrict sc = a.k1;
-  const A* __restrict b = a.k3;
+  const A* __restrict k1 = a.k1;
+  const A* __restrict k3 = a.k3;
   for (int64_t r = r0; r < r1; ++r) {
     const T* __restrict p = x + r * C;
     T* __restrict q = y + r * C;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      A v = load(p[c]);
-      store(q + c, ((v - mh[c]) - ml[c]) * sc[c] + b[c]);
-    }
-  }
-}
-
-// Per-channel affine of the forward from the statistics and (optional) gamma, beta.
-template <typename T>
-void forward_affine(ChannelAffine<T>& a, int64_t c, double mean, double var, double eps,
-                    const ParamView& gamma, const ParamView& beta) {
-  using A = typename Compute<T>::type;
-  const double inv = 1.0 / std::sqrt(var + eps);
-  split<A>(mean, a.mean_hi[c], a.mean_lo[c]);
-  a.k1[c] = static_cast<A>(gamma ? gamma[c] * inv : inv);
-  a.k3[c] = static_cast<A>(beta ? beta[c] : 0.0);
-}
-
-template <typename T>
-void forward_kernel(const Tensor& x_t, Tensor& y_t, const Geometry& g, double eps,
-                    const ParamView& gp, const ParamView& bp, double* mean_out, double* var_out) {
-  const T* x = x_t.const_data_ptr<T>();
-  T* y = y_t.mutable_data_ptr<T>();
-  const int64_t C = g.C;
-  const double m = static_cast<double>(g.m);
-  ChannelAffine<T> a(C);
-  const int64_t total = g.m * C;
-
-  if (g.layout == Layout::Planar) {
-    const Chunking ch = planar_chunks(g);
-    auto channel_stats = [&](int64_t c, double* part1, double* part2) {
-      const double shift = static_cast<double>(load(x[c * g.S]));
-      for (int64_t k = 0; k < ch.count; ++k) {
-        const int64_t n0 = k * ch.per_chunk, n1 = std::min(g.N, n0 + ch.per_chunk);
-        planar_chunk_sums(x, g, c, n0, n1, shift, part1[k], part2[k]);
-      }
-      double s1 = 0.0, s2 = 0.0;
-      for (int64_t k = 0; k < ch.count; ++k) {
-        s1 += part1[k];
-        s2 += part2[k];
-      }
-      finish_moments(shift, s1, s2, m, mean_out[c], var_out[c]);
-      forward_affine(a, c, mean_out[c], var_out[c], eps, gp, bp);
-    };
-    if (C >= at::get_num_threads() || total < kSerialBelow) {
-      // One task per channel: statistics, then normalization while the channel is in cache.
-      parallel(C, total, [&](int64_t c0, int64_t c1) {
-        std::vector<double> p1(ch.count), p2(ch.count);
-        for (int64_t c = c0; c < c1; ++c) {
-          channel_stats(c, p1.data(), p2.data());
-          planar_normalize(x, y, g, c, 0, g.N, a);
-        }
-      });
-    } else {
-      // Few channels, many threads: split each channel's reduction over chunks. The chunk
-      // partials are the same numbers the per-channel path computes, added in the same order.
-      std::vector<double> p1(C * ch.count), p2(C * ch.count);
-      parallel(C * ch.count, total, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t c = i / ch.count, k = i % ch.count;
-          const int64_t n0 = k * ch.per_chunk, n1 = std::min(g.N, n0 + ch.per_chunk);
-          const double shift = static_cast<double>(load(x[c * g.S]));
-          planar_chunk_sums(x, g, c, n0, n1, shift, p1[i], p2[i]);
-        }
-      });
-      for (int64_t c = 0; c < C; ++c) {
-        const double shift = static_cast<double>(load(x[c * g.S]));
-        double s1 = 0.0, s2 = 0.0;
-        for (int64_t k = 0; k < ch.count; ++k) {
-          s1 += p1[c * ch.count + k];
-          s2 += p2[c * ch.count + k];
-        }
-        finish_moments(shift, s1, s2, m, mean_out[c], var_out[c]);
-        forward_affine(a, c, mean_out[c], var_out[c], eps, gp, bp);
-      }
-      parallel(C * ch.count, total, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t c = i / ch.count, k = i % ch.count;
-          const int64_t n0 = k * ch.per_chunk, n1 = std::min(g.N, n0 + ch.per_chunk);
-          planar_normalize(x, y, g, c, n0, n1, a);
-        }
-      });
-    }
-  } else {
-    const Chunking ch = row_chunks(g);
-    std::vector<double> buf((2 * ch.count + 1) * C, 0.0);
-    double* shift = buf.data();
-    double* p1 = shift + C;
-    double* p2 = p1 + ch.count * C;
-    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<double>(load(x[c]));
-    parallel(ch.count, total, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t r0 = k * ch.per_chunk, r1 = std::min(g.rows(), r0 + ch.per_chunk);
-        row_chunk_sums(x, g, r0, r1, shift, &p1[k * C], &p2[k * C]);
-      }
-    });
-    for (int64_t c = 0; c < C; ++c) {
-      double s1 = 0.0, s2 = 0.0;
-      for (int64_t k = 0; k < ch.count; ++k) {
-        s1 += p1[k * C + c];
-        s2 += p2[k * C + c];
-      }
-      finish_moments(shift[c], s1, s2, m, mean_out[c], var_out[c]);
-      forward_affine(a, c, mean_out[c], var_out[c], eps, gp, bp);
-    }
-    parallel(ch.count, total, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t r0 = k * ch.per_chunk, r1 = std::min(g.rows(), r0 + ch.per_chunk);
-        rows_normalize(x, y, g, r0, r1, a);
-      }
-    });
-  }
-}
-
-// ----------------------------------------------------------------------------------------------
-// Backward:  dx = k1 * g - (k2 * (x - mean) + k3),  k1 = γ·inv,  k2 = γ·inv³·Σg(x-mean)/m,
-//            k3 = γ·inv·Σg/m;   dγ = inv · Σ g (x - mean),  dβ = Σ g.
-
-template <typename T>
-inline void planar_grad_sums(const T* __restrict gy, const T* __restrict x, const Geometry& g,
-                             int64_t c, int64_t n0, int64_t n1, double& out1, double& out2,
-                             typename Compute<T>::type mh,
-                             typename Compute<T>::type ml) {
-  using A = typename Compute<T>::type;
-  double a1 = 0.0, a2 = 0.0;
-  for (int64_t n = n0; n < n1; ++n) {
-    const int64_t off = (n * g.C + c) * g.S;
-    const T* __restrict pg = gy + off;
-    const T* __restrict px = x + off;
-#pragma omp simd reduction(+ : a1, a2)
-    for (int64_t s = 0; s < g.S; ++s) {
-      A gv = load(pg[s]);
-      A cx = (load(px[s]) - mh) - ml;
-      a1 += static_cast<double>(gv);
-      a2 += static_cast<double>(gv * cx);
-    }
-  }
-  out1 = a1;
-  out2 = a2;
-}
-
-template <typename T>
-inline void row_grad_sums(const T* __restrict gy, const T* __restrict x, const Geometry& g,
-                          int64_t r0, int64_t r1, const ChannelAffine<T>& a,
-                          double* __restrict s1, double* __restrict s2) {
-  using A = typename Compute<T>::type;
-  const int64_t C = g.C;
-  const A* __restrict mh = a.mean_hi;
-  const A* __restrict ml = a.mean_lo;
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* __restrict pg = gy + r * C;
-    const T* __restrict px = x + r * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      A gv = load(pg[c]);
-      A cx = (load(px[c]) - mh[c]) - ml[c];
-      s1[c] += static_cast<double>(gv);
-      s2[c] += static_cast<double>(gv * cx);
-    }
+    for (int64_t c = 0; c < C; ++c) store(q + c, (load(p[c]) - mh[c]) * k1[c] + k3[c]);
   }
 }
 
 template <typename T>
-inline void planar_grad_input(const T* __restrict gy, const T* __restrict x, T* __restrict dx,
-                              const Geometry& g, int64_t c, int64_t n0, int64_t n1,
-                              const ChannelAffine<T>& a) {
+inline void planar_backward(const T* __restrict gy, const T* __restrict x, T* __restrict dx,
+                            const Geometry& g, int64_t c, int64_t n0, int64_t n1,
+                            const ChannelAffine<T>& a) {
   using A = typename Compute<T>::type;
-  const A mh = a.mean_hi[c], ml = a.mean_lo[c], k1 = a.k1[c], k2 = a.k2[c], k3 = a.k3[c];
+  const A mh = a.mean_hi[c], k1 = a.k1[c], k2 = a.k2[c], k3 = a.k3[c];
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t off = (n * g.C + c) * g.S;
     const T* __restrict pg = gy + off;
@@ -437,19 +596,18 @@ inline void planar_grad_input(const T* __restrict gy, const T* __restrict x, T* 
     T* __restrict q = dx + off;
 #pragma omp simd
     for (int64_t s = 0; s < g.S; ++s) {
-      A cx = (load(px[s]) - mh) - ml;
+      const A cx = load(px[s]) - mh;
       store(q + s, k1 * load(pg[s]) - (k2 * cx + k3));
     }
   }
 }
 
 template <typename T>
-inline void rows_grad_input(const T* __restrict gy, const T* __restrict x, T* __restrict dx,
-                            const Geometry& g, int64_t r0, int64_t r1, const ChannelAffine<T>& a) {
+inline void rows_backward(const T* __restrict gy, const T* __restrict x, T* __restrict dx,
+                          const Geometry& g, int64_t r0, int64_t r1, const ChannelAffine<T>& a) {
   using A = typename Compute<T>::type;
   const int64_t C = g.C;
   const A* __restrict mh = a.mean_hi;
-  const A* __restrict ml = a.mean_lo;
   const A* __restrict k1 = a.k1;
   const A* __restrict k2 = a.k2;
   const A* __restrict k3 = a.k3;
@@ -459,129 +617,260 @@ inline void rows_grad_input(const T* __restrict gy, const T* __restrict x, T* __
     T* __restrict q = dx + r * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      A cx = (load(px[c]) - mh[c]) - ml[c];
+      const A cx = load(px[c]) - mh[c];
       store(q + c, k1[c] * load(pg[c]) - (k2[c] * cx + k3[c]));
     }
   }
 }
 
-template <typename T>
-void backward_affine(ChannelAffine<T>& a, int64_t c, double inv, double s1, double s2, double m,
-                     const ParamView& gamma) {
-  using A = typename Compute<T>::type;
-  const double gm = gamma ? gamma[c] : 1.0;
-  a.k1[c] = static_cast<A>(gm * inv);
-  a.k2[c] = static_cast<A>(gm * inv * inv * inv * s2 / m);
-  a.k3[c] = static_cast<A>(gm * inv * s1 / m);
-}
+// ----------------------------------------------------------------------------------------------
+// Drivers: per-chunk partial results, a per-channel finish over the chunks in order, and
+// optionally an elementwise pass.
+//
+// Chunk partials are two doubles per (chunk, channel): (mean, M2) for the forward, (Σg,
+// Σg(x - mean)) for the backward; `Partials` reads them back for the finish.
+//
+// Planar: `sums(c, n0, n1, rec)` fills the two doubles of one chunk of channel c;
+// `finish(c, partials)` combines the chunks of channel c; `apply(c, n0, n1)` is the elementwise
+// pass. With at least as many channels as threads, each channel's task runs sums, finish and
+// apply back to back while the channel is in cache. Otherwise the chunks of all channels are
+// reduced in parallel, finished, and the pass runs in parallel over chunks. Either way the same
+// numbers are combined in the same order, so results do not depend on the thread count.
 
-template <typename T>
-void backward_kernel(const Tensor& gy_t, const Tensor& x_t, Tensor* dx_t, const Geometry& g,
-                     const double* mean, const double* inv, const ParamView& gp, double* sum_g,
-                     double* sum_gc) {
-  const T* gy = gy_t.const_data_ptr<T>();
-  const T* x = x_t.const_data_ptr<T>();
-  T* dx = dx_t ? dx_t->mutable_data_ptr<T>() : nullptr;
-  const int64_t C = g.C;
-  const double m = static_cast<double>(g.m);
-  ChannelAffine<T> a(C);
-  for (int64_t c = 0; c < C; ++c) split(mean[c], a.mean_hi[c], a.mean_lo[c]);
-  const int64_t total = g.m * C;
-
-  if (g.layout == Layout::Planar) {
-    const Chunking ch = planar_chunks(g);
-    auto chunk_sums = [&](int64_t c, int64_t k, double& o1, double& o2) {
-      const int64_t n0 = k * ch.per_chunk, n1 = std::min(g.N, n0 + ch.per_chunk);
-      planar_grad_sums(gy, x, g, c, n0, n1, o1, o2, a.mean_hi[c], a.mean_lo[c]);
-    };
-    if (C >= at::get_num_threads() || total < kSerialBelow) {
-      parallel(C, total, [&](int64_t c0, int64_t c1) {
-        std::vector<double> p1(ch.count), p2(ch.count);
-        for (int64_t c = c0; c < c1; ++c) {
-          for (int64_t k = 0; k < ch.count; ++k) chunk_sums(c, k, p1[k], p2[k]);
-          double s1 = 0.0, s2 = 0.0;
-          for (int64_t k = 0; k < ch.count; ++k) {
-            s1 += p1[k];
-            s2 += p2[k];
-          }
-          sum_g[c] = s1;
-          sum_gc[c] = s2;
-          backward_affine(a, c, inv[c], s1, s2, m, gp);
-          if (dx) planar_grad_input(gy, x, dx, g, c, 0, g.N, a);
-        }
-      });
-    } else {
-      std::vector<double> p1(C * ch.count), p2(C * ch.count);
-      parallel(C * ch.count, total, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) chunk_sums(i / ch.count, i % ch.count, p1[i], p2[i]);
-      });
-      for (int64_t c = 0; c < C; ++c) {
-        double s1 = 0.0, s2 = 0.0;
-        for (int64_t k = 0; k < ch.count; ++k) {
-          s1 += p1[c * ch.count + k];
-          s2 += p2[c * ch.count + k];
-        }
-        sum_g[c] = s1;
-        sum_gc[c] = s2;
-        backward_affine(a, c, inv[c], s1, s2, m, gp);
-      }
-      if (dx) {
-        parallel(C * ch.count, total, [&](int64_t i0, int64_t i1) {
-          for (int64_t i = i0; i < i1; ++i) {
-            const int64_t c = i / ch.count, k = i % ch.count;
-            const int64_t n0 = k * ch.per_chunk, n1 = std::min(g.N, n0 + ch.per_chunk);
-            planar_grad_input(gy, x, dx, g, c, n0, n1, a);
-          }
-        });
-      }
-    }
-  } else {
-    const Chunking ch = row_chunks(g);
-    std::vector<double> buf(2 * ch.count * C, 0.0);
-    double* p1 = buf.data();
-    double* p2 = p1 + ch.count * C;
-    parallel(ch.count, total, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t r0 = k * ch.per_chunk, r1 = std::min(g.rows(), r0 + ch.per_chunk);
-        row_grad_sums(gy, x, g, r0, r1, a, &p1[k * C], &p2[k * C]);
-      }
-    });
-    for (int64_t c = 0; c < C; ++c) {
-      double s1 = 0.0, s2 = 0.0;
-      for (int64_t k = 0; k < ch.count; ++k) {
-        s1 += p1[k * C + c];
-        s2 += p2[k * C + c];
-      }
-      sum_g[c] = s1;
-      sum_gc[c] = s2;
-      backward_affine(a, c, inv[c], s1, s2, m, gp);
-    }
-    if (dx) {
-      parallel(ch.count, total, [&](int64_t k0, int64_t k1) {
-        for (int64_t k = k0; k < k1; ++k) {
-          const int64_t r0 = k * ch.per_chunk, r1 = std::min(g.rows(), r0 + ch.per_chunk);
-          rows_grad_input(gy, x, dx, g, r0, r1, a);
-        }
-      });
+struct Partials {
+  const double* base;
+  int64_t k_stride, second;  // first(k) = base[k * k_stride], second(k) = base[... + second]
+  Chunking ch;
+  int64_t span, unit;  // chunk k holds min(per, span - k * per) * unit values
+  double first_of(int64_t k) const { return base[k * k_stride]; }
+  double second_of(int64_t k) const { return base[k * k_stride + second]; }
+  double count(int64_t k) const {
+    return static_cast<double>(std::min(ch.per, span - k * ch.per) * unit);
+  }
+  // Chan et al.'s merge of per-chunk (mean, M2), in chunk order.
+  void merged_moments(double& mean, double& m2) const {
+    double n = 0.0;
+    mean = 0.0;
+    m2 = 0.0;
+    for (int64_t k = 0; k < ch.count; ++k) {
+      const double nb = count(k), mb = first_of(k), total = n + nb;
+      const double delta = mb - mean;
+      mean += delta * (nb / total);
+      m2 += second_of(k) + delta * delta * (n * nb / total);
+      n = total;
     }
   }
+  void summed(double& s1, double& s2) const {
+    s1 = 0.0;
+    s2 = 0.0;
+    for (int64_t k = 0; k < ch.count; ++k) {
+      s1 += first_of(k);
+      s2 += second_of(k);
+    }
+  }
+};
+
+template <typename Sums, typename Finish, typename Apply>
+void planar_driver(const Geometry& g, const Sums& sums, const Finish& finish, const Apply& apply,
+                   bool has_apply) {
+  const Chunking ch = chunking(g);
+  const int64_t C = g.C;
+  auto run_chunk = [&](int64_t c, int64_t k, double* rec) {
+    const int64_t n0 = k * ch.per;
+    sums(c, n0, std::min(g.N, n0 + ch.per), rec);
+  };
+  if (C >= at::get_num_threads() || g.total() < kSerialBelow) {
+    parallel(C, g.total(), [&](int64_t c0, int64_t c1) {
+      std::vector<double> part(2 * ch.count);
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t k = 0; k < ch.count; ++k) run_chunk(c, k, &part[2 * k]);
+        finish(c, Partials{part.data(), 2, 1, ch, g.N, g.S});
+        if (has_apply) apply(c, int64_t{0}, g.N);
+      }
+    });
+    return;
+  }
+  const int64_t items = C * ch.count;
+  std::vector<double> part(2 * items);
+  parallel(items, g.total(), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) run_chunk(i / ch.count, i % ch.count, &part[2 * i]);
+  });
+  for (int64_t c = 0; c < C; ++c)
+    finish(c, Partials{&part[2 * c * ch.count], 2, 1, ch, g.N, g.S});
+  if (!has_apply) return;
+  parallel(items, g.total(), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n0 = (i % ch.count) * ch.per;
+      apply(i / ch.count, n0, std::min(g.N, n0 + ch.per));
+    }
+  });
+}
+
+// Rows: `sums(r0, r1, first, second)` fills per-channel arrays first[C], second[C] for one chunk
+// of rows; `finish(c, partials)` combines the chunks of channel c; `apply(r0, r1)` is the pass.
+// `combine` folds chunk k's per-channel arrays into the running arrays, channel by channel in
+// contiguous memory (the same per-channel arithmetic in the same chunk order as Partials).
+template <typename Sums, typename Finish, typename Apply>
+void rows_driver(const Geometry& g, const Sums& sums, const Finish& finish, const Apply& apply,
+                 bool has_apply, bool moments) {
+  const Chunking ch = chunking(g);
+  const int64_t C = g.C;
+  std::vector<double> part(2 * ch.count * C, 0.0);
+  parallel(ch.count, g.total(), [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t r0 = k * ch.per;
+      sums(r0, std::min(g.rows(), r0 + ch.per), &part[2 * k * C], &part[(2 * k + 1) * C]);
+    }
+  });
+  // Combine chunk 0..count-1 into chunk 0's arrays, sweeping channels contiguously.
+  double* first = part.data();
+  double* second = part.data() + C;
+  double n = static_cast<double>(std::min(ch.per, g.rows()));
+  for (int64_t k = 1; k < ch.count; ++k) {
+    const double* f = &part[2 * k * C];
+    const double* s = &part[(2 * k + 1) * C];
+    const double nb = static_cast<double>(std::min(ch.per, g.rows() - k * ch.per));
+    const double total = n + nb, wb = nb / total, wab = n * nb / total;
+    if (moments) {  // Chan et al.'s merge of (mean, M2)
+      for (int64_t c = 0; c < C; ++c) {
+        const double delta = f[c] - first[c];
+        first[c] += delta * wb;
+        second[c] += s[c] + delta * delta * wab;
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        first[c] += f[c];
+        second[c] += s[c];
+      }
+    }
+    n = total;
+  }
+  Chunking one = ch;
+  one.count = 1;  // the combined chunk
+  for (int64_t c = 0; c < C; ++c) finish(c, Partials{&part[c], 2 * C, C, one, g.rows(), 1});
+  if (!has_apply) return;
+  parallel(ch.count, g.total(), [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t r0 = k * ch.per;
+      apply(r0, std::min(g.rows(), r0 + ch.per));
+    }
+  });
 }
 
 // ----------------------------------------------------------------------------------------------
-// Layout detection.
+// The kernels, per dtype.
 
-// Returns the geometry and the tensor to read (x itself unless it had to be made contiguous).
-std::pair<Geometry, Tensor> geometry_of(const Tensor& x) {
-  TORCH_CHECK(x.dim() >= 2, "batchnorm: expected an input of shape (N, C, ...), got ", x.sizes());
-  const int64_t N = x.size(0), C = x.size(1);
-  const int64_t S = C == 0 || N == 0 ? 0 : x.numel() / (N * C);
-  if (S == 1 && x.is_contiguous()) return {{Layout::Rows, N, C, 1, N}, x};
-  if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast))
-    return {{Layout::Rows, N, C, S, N * S}, x};
-  if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d))
-    return {{Layout::Rows, N, C, S, N * S}, x};
-  Tensor xc = x.contiguous();
-  return {{S == 1 ? Layout::Rows : Layout::Planar, N, C, S, N * S}, xc};
+// Statistics (Alg. 1: μ_B, biased σ²_B), and when `y` is given also y = BN(x) with `a`.
+template <typename T>
+void forward_kernel(const T* x, T* y, const Geometry& g, double* mean, double* var,
+                    ChannelAffine<T>* a, double eps, const ParamView& gamma,
+                    const ParamView& beta) {
+  using A = typename Compute<T>::type;
+  const double m = static_cast<double>(g.m);
+  const bool apply = y != nullptr;
+  auto finish = [&](int64_t c, const Partials& p) {
+    double m2;
+    p.merged_moments(mean[c], m2);
+    var[c] = m2 / m;  // Alg. 1: the biased variance
+    if (apply) a->forward_constants(c, mean[c], var[c], eps, gamma, beta);
+  };
+  if (g.layout == Layout::Planar) {
+    planar_driver(
+        g,
+        [&](int64_t c, int64_t n0, int64_t n1, double* rec) {
+          const ChunkMoments cm = planar_chunk_moments(x, g, c, n0, n1);
+          rec[0] = cm.mean;
+          rec[1] = cm.m2;
+        },
+        finish, [&](int64_t c, int64_t n0, int64_t n1) { planar_forward(x, y, g, c, n0, n1, *a); },
+        apply);
+  } else {
+    rows_driver(
+        g,
+        [&](int64_t r0, int64_t r1, double* chunk_mean, double* chunk_m2) {
+          // per-thread scratch, reused across chunks and calls
+          thread_local std::vector<double> scratch;
+          thread_local std::vector<A> center;
+          scratch.resize(2 * g.C);
+          center.resize(g.C);
+          rows_chunk_moments(x, g, r0, r1, chunk_mean, chunk_m2, scratch.data(), center.data());
+        },
+        finish, [&](int64_t r0, int64_t r1) { rows_forward(x, y, g, r0, r1, *a); }, apply,
+        /*moments=*/true);
+  }
+}
+
+// y = BN(x) with given per-channel constants (normalize with statistics from elsewhere).
+template <typename T>
+void apply_forward(const T* x, T* y, const Geometry& g, const ChannelAffine<T>& a) {
+  const Chunking ch = chunking(g);
+  if (g.layout == Layout::Planar) {
+    parallel(g.C * ch.count, g.total(), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t n0 = (i % ch.count) * ch.per;
+        planar_forward(x, y, g, i / ch.count, n0, std::min(g.N, n0 + ch.per), a);
+      }
+    });
+  } else {
+    parallel(ch.count, g.total(), [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k)
+        rows_forward(x, y, g, k * ch.per, std::min(g.rows(), (k + 1) * ch.per), a);
+    });
+  }
+}
+
+// Σg and Σg(x - mean) per channel; when `dx` is given also dx from those sums over m values
+// (the local backward). `a` receives the mean split and the backward constants.
+template <typename T>
+void backward_kernel(const T* gy, const T* x, T* dx, const Geometry& g, const double* mean,
+                     const double* inv, ChannelAffine<T>& a, const ParamView& gamma,
+                     double* sum_g, double* sum_gc) {
+  const double m = static_cast<double>(g.m);
+  const bool apply = dx != nullptr;
+  std::vector<double> lo(g.C);
+  for (int64_t c = 0; c < g.C; ++c) lo[c] = a.set_mean(c, mean[c]);
+  auto finish = [&](int64_t c, const Partials& p) {
+    double s2;
+    p.summed(sum_g[c], s2);
+    sum_gc[c] = s2 - lo[c] * sum_g[c];  // Σg(x - mean) = Σg(x - mean_hi) - lo·Σg
+    if (apply) a.backward_constants(c, mean[c], inv[c], sum_g[c], sum_gc[c], m, gamma);
+  };
+  if (g.layout == Layout::Planar) {
+    planar_driver(
+        g,
+        [&](int64_t c, int64_t n0, int64_t n1, double* rec) {
+          planar_chunk_grad_sums(gy, x, g, c, n0, n1, a.mean_hi[c], rec[0], rec[1]);
+        },
+        finish,
+        [&](int64_t c, int64_t n0, int64_t n1) { planar_backward(gy, x, dx, g, c, n0, n1, a); },
+        apply);
+  } else {
+    rows_driver(
+        g,
+        [&](int64_t r0, int64_t r1, double* s1, double* s2) {
+          rows_chunk_grad_sums(gy, x, g, r0, r1, a.mean_hi, s1, s2);
+        },
+        finish, [&](int64_t r0, int64_t r1) { rows_backward(gy, x, dx, g, r0, r1, a); }, apply,
+        /*moments=*/false);
+  }
+}
+
+template <typename T>
+void apply_backward(const T* gy, const T* x, T* dx, const Geometry& g, const ChannelAffine<T>& a) {
+  const Chunking ch = chunking(g);
+  if (g.layout == Layout::Planar) {
+    parallel(g.C * ch.count, g.total(), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t n0 = (i % ch.count) * ch.per;
+        planar_backward(gy, x, dx, g, i / ch.count, n0, std::min(g.N, n0 + ch.per), a);
+      }
+    });
+  } else {
+    parallel(ch.count, g.total(), [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k)
+        rows_backward(gy, x, dx, g, k * ch.per, std::min(g.rows(), (k + 1) * ch.per), a);
+    });
+  }
 }
 
 #define BN_DISPATCH(TYPE, NAME, ...) \
@@ -593,7 +882,8 @@ std::pair<Geometry, Tensor> geometry_of(const Tensor& x) {
 // Adds one to a 0-dim int64 CPU counter in place; returns its old value. (No ATen op: this runs
 // on every training step and a dispatch costs more than the arithmetic.)
 int64_t bump(const Tensor& counter) {
-  TORCH_CHECK(counter.numel() == 1 && counter.scalar_type() == at::kLong && counter.device().is_cpu(),
+  TORCH_CHECK(counter.numel() == 1 && counter.scalar_type() == at::kLong &&
+                  counter.device().is_cpu(),
               "batchnorm: counters must be int64 CPU scalars, got ", counter.scalar_type(), " ",
               counter.sizes());
   int64_t* p = counter.mutable_data_ptr<int64_t>();
@@ -614,10 +904,10 @@ void update_running_stats(const double* mean, const double* var, int64_t C, int6
   if (!has_mean && !has_var) return;
   if (guard) {
     bool finite = true;
-    for (int64_t c = 0; c < C && finite; ++c) finite = std::isfinite(mean[c]) && std::isfinite(var[c]);
+    for (int64_t c = 0; c < C && finite; ++c)
+      finite = std::isfinite(mean[c]) && std::isfinite(var[c]);
     if (!finite) {
-      // The caller (Python) sees the counter move and warns; C++ warnings do not reach Python's
-      // `warnings` through torch.ops.
+      // Python sees the counter move and warns (C++ warnings do not reach Python's `warnings`).
       if (nonfinite_count.has_value() && nonfinite_count->defined()) bump(*nonfinite_count);
       return;
     }
@@ -651,7 +941,7 @@ void update_running_stats(const double* mean, const double* var, int64_t C, int6
 }
 
 // ----------------------------------------------------------------------------------------------
-// The CPU kernels of the ops.
+// CPU kernels of the ops.
 
 std::tuple<Tensor, Tensor, Tensor> train_forward_cpu(
     const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
@@ -670,30 +960,14 @@ std::tuple<Tensor, Tensor, Tensor> train_forward_cpu(
   Tensor mean = at::empty({g.C}, opts);
   Tensor var = at::empty({g.C}, opts);
   BN_DISPATCH(x.scalar_type(), "batchnorm_train_forward", [&] {
-    forward_kernel<scalar_t>(x, y, g, eps, gamma, beta, mean.data_ptr<double>(),
-                             var.data_ptr<double>());
+    ChannelAffine<scalar_t> a(g.C);
+    forward_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), g,
+                             mean.data_ptr<double>(), var.data_ptr<double>(), &a, eps, gamma,
+                             beta);
   });
   update_running_stats(mean.data_ptr<double>(), var.data_ptr<double>(), g.C, g.m, running_mean,
                        running_var, num_batches_tracked, nonfinite_count, momentum, guard);
   return {y, mean, var};
-}
-
-// A per-channel float64 vector as a raw pointer, converting only if it is not one already.
-const double* as_double_vector(const Tensor& t, int64_t C, Tensor& holder, const char* what) {
-  TORCH_CHECK(t.numel() == C, "batchnorm: expected ", what, " to have ", C, " values, got shape ",
-              t.sizes());
-  holder = (t.scalar_type() == at::kDouble && t.is_contiguous()) ? t : t.to(at::kDouble).contiguous();
-  return holder.const_data_ptr<double>();
-}
-
-// Writes v[c] (double) into a new per-channel tensor of the given dtype.
-Tensor per_channel_tensor(const std::vector<double>& v, const at::TensorOptions& opts) {
-  Tensor out = at::empty({static_cast<int64_t>(v.size())}, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "bn_param_grad", [&] {
-    scalar_t* p = out.mutable_data_ptr<scalar_t>();
-    for (size_t c = 0; c < v.size(); ++c) p[c] = static_cast<scalar_t>(v[c]);
-  });
-  return out;
 }
 
 std::tuple<Tensor, Tensor, Tensor> train_backward_cpu(const Tensor& grad_out,
@@ -702,38 +976,107 @@ std::tuple<Tensor, Tensor, Tensor> train_backward_cpu(const Tensor& grad_out,
                                                       const std::optional<Tensor>& weight,
                                                       double eps, std::array<bool, 3> mask) {
   auto [g, x] = geometry_of(input);
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), "batchnorm: grad_output has shape ",
-              grad_out.sizes(), " but the input had shape ", input.sizes());
-  // Read the gradient in the same layout and dtype as x (no copy when it already is).
-  at::MemoryFormat fmt = at::MemoryFormat::Contiguous;
-  if (g.layout == Layout::Rows && g.S > 1)
-    fmt = x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
-  Tensor gy = grad_out.scalar_type() == x.scalar_type() ? grad_out : grad_out.to(x.scalar_type());
-  if (!gy.is_contiguous(fmt)) gy = gy.contiguous(fmt);
+  Tensor gy = like_input(grad_out, x, g);
   const ParamView gamma = param_view(weight, g.C, "weight");
   Tensor mean_holder, var_holder;
-  const double* mean_p = as_double_vector(mean, g.C, mean_holder, "mean");
-  const double* var_p = as_double_vector(var, g.C, var_holder, "var");
+  const double* mean_p = double_vector(mean, g.C, mean_holder, "mean");
+  const double* var_p = double_vector(var, g.C, var_holder, "var");
   std::vector<double> inv(g.C), sum_g(g.C), sum_gc(g.C);
   for (int64_t c = 0; c < g.C; ++c) inv[c] = 1.0 / std::sqrt(var_p[c] + eps);
   Tensor dx = mask[0] ? at::empty_like(x) : Tensor();
   BN_DISPATCH(x.scalar_type(), "batchnorm_train_backward", [&] {
-    backward_kernel<scalar_t>(gy, x, mask[0] ? &dx : nullptr, g, mean_p, inv.data(), gamma,
-                              sum_g.data(), sum_gc.data());
+    ChannelAffine<scalar_t> a(g.C);
+    backward_kernel<scalar_t>(gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                              mask[0] ? dx.mutable_data_ptr<scalar_t>() : nullptr, g, mean_p,
+                              inv.data(), a, gamma, sum_g.data(), sum_gc.data());
   });
   Tensor dw, db;
-  const auto param_opts =
-      input.options().dtype(gamma ? gamma.type : input.scalar_type());
+  const auto param_opts = input.options().dtype(gamma ? gamma.type : input.scalar_type());
   if (mask[1]) {
     for (int64_t c = 0; c < g.C; ++c) sum_gc[c] *= inv[c];  // dl/dgamma = Σ g x̂
-    dw = per_channel_tensor(sum_gc, param_opts);
+    dw = per_channel_tensor(sum_gc.data(), g.C, param_opts);
   }
-  if (mask[2]) db = per_channel_tensor(sum_g, param_opts);  // dl/dbeta = Σ g
+  if (mask[2]) db = per_channel_tensor(sum_g.data(), g.C, param_opts);  // dl/dbeta = Σ g
   return {dx, dw, db};
 }
 
+std::tuple<Tensor, Tensor> moments_cpu(const Tensor& input) {
+  auto [g, x] = geometry_of(input);
+  TORCH_CHECK(g.m > 0, "batchnorm: moments of an input with no values per channel: ",
+              input.sizes());
+  auto opts = input.options().dtype(at::kDouble);
+  Tensor mean = at::empty({g.C}, opts);
+  Tensor var = at::empty({g.C}, opts);
+  BN_DISPATCH(x.scalar_type(), "batchnorm_moments", [&] {
+    forward_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), nullptr, g, mean.data_ptr<double>(),
+                             var.data_ptr<double>(), nullptr, 0.0, ParamView(), ParamView());
+  });
+  return {mean, var};
+}
+
+Tensor normalize_cpu(const Tensor& input, const Tensor& mean, const Tensor& var,
+                     const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                     double eps) {
+  auto [g, x] = geometry_of(input);
+  const ParamView gamma = param_view(weight, g.C, "weight");
+  const ParamView beta = param_view(bias, g.C, "bias");
+  Tensor mh, vh;
+  const double* mean_p = double_vector(mean, g.C, mh, "mean");
+  const double* var_p = double_vector(var, g.C, vh, "var");
+  Tensor y = at::empty_like(x);
+  BN_DISPATCH(x.scalar_type(), "batchnorm_normalize", [&] {
+    ChannelAffine<scalar_t> a(g.C);
+    for (int64_t c = 0; c < g.C; ++c) a.forward_constants(c, mean_p[c], var_p[c], eps, gamma, beta);
+    apply_forward<scalar_t>(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), g, a);
+  });
+  return y;
+}
+
+std::tuple<Tensor, Tensor> backward_reduce_cpu(const Tensor& grad_out, const Tensor& input,
+                                               const Tensor& mean) {
+  auto [g, x] = geometry_of(input);
+  Tensor gy = like_input(grad_out, x, g);
+  Tensor mh;
+  const double* mean_p = double_vector(mean, g.C, mh, "mean");
+  auto opts = input.options().dtype(at::kDouble);
+  Tensor sum_g = at::empty({g.C}, opts);
+  Tensor sum_gc = at::empty({g.C}, opts);
+  BN_DISPATCH(x.scalar_type(), "batchnorm_backward_reduce", [&] {
+    ChannelAffine<scalar_t> a(g.C);
+    backward_kernel<scalar_t>(gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), nullptr,
+                              g, mean_p, nullptr, a, ParamView(), sum_g.data_ptr<double>(),
+                              sum_gc.data_ptr<double>());
+  });
+  return {sum_g, sum_gc};
+}
+
+Tensor backward_elementwise_cpu(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
+                                const Tensor& var, const std::optional<Tensor>& weight,
+                                const Tensor& sum_g, const Tensor& sum_gc, int64_t count,
+                                double eps) {
+  auto [g, x] = geometry_of(input);
+  TORCH_CHECK(count > 0, "batchnorm: backward_elementwise needs a positive count, got ", count);
+  Tensor gy = like_input(grad_out, x, g);
+  const ParamView gamma = param_view(weight, g.C, "weight");
+  Tensor h1, h2, h3, h4;
+  const double* mean_p = double_vector(mean, g.C, h1, "mean");
+  const double* var_p = double_vector(var, g.C, h2, "var");
+  const double* sg = double_vector(sum_g, g.C, h3, "sum_g");
+  const double* sgc = double_vector(sum_gc, g.C, h4, "sum_gc");
+  Tensor dx = at::empty_like(x);
+  BN_DISPATCH(x.scalar_type(), "batchnorm_backward_elementwise", [&] {
+    ChannelAffine<scalar_t> a(g.C);
+    for (int64_t c = 0; c < g.C; ++c)
+      a.backward_constants(c, mean_p[c], 1.0 / std::sqrt(var_p[c] + eps), sg[c], sgc[c],
+                           static_cast<double>(count), gamma);
+    apply_backward<scalar_t>(gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                             dx.mutable_data_ptr<scalar_t>(), g, a);
+  });
+  return dx;
+}
+
 // ----------------------------------------------------------------------------------------------
-// Autograd.
+// Autograd of train_forward.
 
 // (dl/dx, dl/dγ, dl/dβ) in differentiable ATen ops with the statistics recomputed from x: the
 // graph of the backward itself, for double backward.
@@ -793,8 +1136,7 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
     auto [y, mean, var] = call_train_forward(input, weight, bias, running_mean, running_var,
                                              num_batches_tracked, nonfinite_count, momentum, eps,
                                              guard);
-    Tensor w = weight.has_value() ? *weight : Tensor();
-    ctx->save_for_backward({input, w, mean, var});
+    ctx->save_for_backward({input, weight.has_value() ? *weight : Tensor(), mean, var});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->mark_non_differentiable({mean, var});
@@ -807,8 +1149,8 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
     const Tensor &x = saved[0], &w = saved[1], &mean = saved[2], &var = saved[3];
     const double eps = ctx->saved_data["eps"].toDouble();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    Tensor gy = grads[0];
-    torch::autograd::variable_list out(11);
+    torch::autograd::variable_list out(10);
+    const Tensor& gy = grads[0];
     if (!gy.defined()) return out;
     const bool need_x = ctx->needs_input_grad(0);
     const bool need_w = w.defined() && ctx->needs_input_grad(1);
@@ -819,10 +1161,9 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
       if (need_w) dw = dw.to(w.scalar_type());
       if (need_b) db = db.to(w.defined() ? w.scalar_type() : db.scalar_type());
     } else {
-      std::tie(dx, dw, db) = call_train_backward(gy, x, mean, var,
-                                                 w.defined() ? std::optional<Tensor>(w)
-                                                             : std::nullopt,
-                                                 eps, {need_x, need_w, need_b});
+      std::tie(dx, dw, db) = call_train_backward(
+          gy, x, mean, var, w.defined() ? std::optional<Tensor>(w) : std::nullopt, eps,
+          {need_x, need_w, need_b});
     }
     out[0] = need_x ? dx : Tensor();
     out[1] = need_w ? dw : Tensor();
@@ -842,12 +1183,14 @@ std::tuple<Tensor, Tensor, Tensor> train_forward_autograd(
   return {out[0], out[1], out[2]};
 }
 
-int64_t abi_version() { return 1; }
+int64_t abi_version() { return 2; }
 
 }  // namespace
 
-// Returns (y, mean, var, first_skip): first_skip is true when this call moved nonfinite_count
-// from 0, so the caller can warn once without reading the counter on every step.
+// The eager Python entry of train_forward: pybind11 costs about a microsecond per call where the
+// generic torch.ops path costs several. Returns (y, mean, var, first_skip): first_skip is true
+// when this call moved nonfinite_count from 0, so Python can warn once without reading the
+// counter on every step. Tracing (torch.compile, fx) uses the registered op instead.
 std::tuple<Tensor, Tensor, Tensor, bool> train_forward_entry(
     const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
@@ -873,23 +1216,31 @@ TORCH_LIBRARY(batchnorm, m) {
   m.def(
       "train_backward(Tensor grad_out, Tensor input, Tensor mean, Tensor var, Tensor? weight, "
       "float eps, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def("moments(Tensor input) -> (Tensor, Tensor)");
+  m.def(
+      "normalize(Tensor input, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps) "
+      "-> Tensor");
+  m.def("backward_reduce(Tensor grad_out, Tensor input, Tensor mean) -> (Tensor, Tensor)");
+  m.def(
+      "backward_elementwise(Tensor grad_out, Tensor input, Tensor mean, Tensor var, "
+      "Tensor? weight, Tensor sum_g, Tensor sum_gc, int count, float eps) -> Tensor");
   m.def("abi_version() -> int", &abi_version);
 }
 
 TORCH_LIBRARY_IMPL(batchnorm, CPU, m) {
   m.impl("train_forward", &train_forward_cpu);
   m.impl("train_backward", &train_backward_cpu);
+  m.impl("moments", &moments_cpu);
+  m.impl("normalize", &normalize_cpu);
+  m.impl("backward_reduce", &backward_reduce_cpu);
+  m.impl("backward_elementwise", &backward_elementwise_cpu);
 }
 
-TORCH_LIBRARY_IMPL(batchnorm, Autograd, m) {
-  m.impl("train_forward", &train_forward_autograd);
-}
+TORCH_LIBRARY_IMPL(batchnorm, Autograd, m) { m.impl("train_forward", &train_forward_autograd); }
 
 }  // namespace batchnorm
 
-// A direct Python entry for eager mode: pybind11 costs about a microsecond per call where the
-// generic torch.ops path costs several. Tracing (torch.compile, fx) uses the registered op.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("train_forward", &batchnorm::train_forward_entry,
-        "Training-mode BN forward with autograd (same arguments as batchnorm::train_forward)");
+        "Training-mode BN forward with autograd: (y, mean, var, first_skip)");
 }

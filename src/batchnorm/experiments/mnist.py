@@ -54,7 +54,7 @@ from .. import __version__, data
 from .._atomic import atomic_path, write_text
 from ..functional import kernels
 from ..nn import BatchNorm1d
-from ..tools import bn_layers, name_layers
+from ..tools import name_layers, recalibrate
 
 __all__ = [
     "CHECKPOINT",
@@ -250,20 +250,13 @@ def _sigmoid_input(model: nn.Sequential, x: Tensor) -> Tensor:
 def population_copy(model: nn.Module, batches: Iterable[Tensor]) -> nn.Module:
     """A copy of ``model`` in eval mode whose BN layers hold the population statistics of Alg. 2.
 
-    Every BN layer is put in ``stats_mode="population"`` with its statistics reset; the copy runs
-    ``batches`` in training mode without gradients (each layer sees inputs produced by the layers
-    below in training mode, as in the paper's N_BN^tr), so its running statistics become
-    E[x] = E_B[μ_B] and Var[x] = m/(m−1)·E_B[σ²_B] (Alg. 2 lines 9–10); then it is put in eval mode.
-    The original model is untouched.
+    :func:`batchnorm.tools.recalibrate` with the paper's estimator runs ``batches`` through the copy
+    in training mode without gradients (each layer sees inputs produced by the layers below in
+    training mode, as in the paper's N_BN^tr) and sets E[x] = E_B[μ_B] and Var[x] =
+    m/(m−1)·E_B[σ²_B] (Alg. 2 lines 9–10). The original model is untouched.
     """
     pop = copy.deepcopy(model)
-    for _, layer in bn_layers(pop):
-        layer.stats_mode = "population"
-        layer.reset_running_stats()
-    pop.train()
-    with torch.no_grad():
-        for x in batches:
-            pop(x)
+    recalibrate(pop, batches, "paper")
     return pop.eval()
 
 

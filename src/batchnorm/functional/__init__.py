@@ -4,10 +4,12 @@
 - :func:`batch_norm_train`: training mode with the batch statistics returned and the running
   statistics updated (EMA or cumulative) under a non-finite guard.
 - :mod:`~batchnorm.functional.reference`: the line-by-line float64 oracle.
+- :func:`moments`, :func:`normalize`, :func:`backward_reduce`, :func:`backward_elementwise`: the
+  same computation in steps, for statistics combined across processes (SyncBatchNorm).
 - :mod:`~batchnorm.functional.stats`: moments, Chan merges, the population estimators.
 """
 
-from . import kernels, reference, stats
+from . import kernels, reference, stats, steps
 from .autograd import BatchNormFunction
 from .core import (
     BACKENDS,
@@ -19,6 +21,7 @@ from .core import (
     use_backend,
 )
 from .stats import Moments, PopulationStats, merge_moments
+from .steps import backward_elementwise, backward_reduce, moments, normalize
 
 __all__ = [
     "BACKENDS",
@@ -26,13 +29,18 @@ __all__ = [
     "BatchStats",
     "Moments",
     "PopulationStats",
+    "backward_elementwise",
+    "backward_reduce",
     "batch_norm",
     "batch_norm_train",
     "current_backend",
     "kernels",
     "merge_moments",
+    "moments",
+    "normalize",
     "reference",
     "select_backend",
     "stats",
+    "steps",
     "use_backend",
 ]

@@ -1,10 +1,10 @@
 """The portable training path: a ``torch.autograd.Function`` with the paper's closed-form gradient.
 
 It runs on any device torch supports, and it is what the library uses on a CPU where the fused
-kernels cannot be built (see :mod:`batchnorm.functional.kernels`). The forward computes the batch
-statistics with ``torch.var_mean`` (a stable two-pass/Welford reduction, never E[x²] − E[x]²; in
-float64 for float32 inputs, float32 for 16-bit ones) and saves only ``x``, ``mu_B`` and ``1/σ_B``. The backward is the Section 3 chain rule reduced to two
-per-channel sums:
+kernels cannot be built (see :mod:`batchnorm.functional.kernels`). It is made of the portable
+steps of :mod:`batchnorm.functional.steps`: the forward computes the batch statistics with
+``torch.var_mean`` (a stable reduction, never E[x²] − E[x]²) and saves only ``x``, ``mu_B`` and
+``var_B``; the backward is the Section 3 chain rule reduced to two per-channel sums:
 
     dl/dx_i = γ · inv / m · (m g_i − Σ_j g_j − x̂_i Σ_j g_j x̂_j),   inv = 1/sqrt(σ²_B + ε)
 
@@ -19,22 +19,15 @@ import torch
 from torch import Tensor
 
 from .reference import reduce_dims
+from .steps import (
+    compute_dtype,
+    torch_backward_elementwise,
+    torch_backward_reduce,
+    torch_moments,
+    torch_normalize,
+)
 
-__all__ = ["BatchNormFunction", "composite_backward", "stats_dtype"]
-
-
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype this path computes in: float32 for 16-bit inputs, float64 otherwise.
-
-    float64 for float32 inputs keeps ``x − μ_B`` exact when |μ_B| ≫ σ_B (e.g. 1e4 + N(0, 1)),
-    matching the fused kernels' accuracy at the cost of a wider temporary: this is the portable
-    fallback, not the fast path.
-    """
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else torch.float64
-
-
-def _channel_view(v: Tensor, ndim: int) -> Tensor:
-    return v.reshape(1, -1, *([1] * (ndim - 2)))
+__all__ = ["BatchNormFunction", "composite_backward"]
 
 
 def composite_backward(
@@ -45,77 +38,55 @@ def composite_backward(
     Used for double backward: every intermediate stays on the autograd graph.
     """
     dims = reduce_dims(x)
-    acc = stats_dtype(x.dtype)
+    acc = compute_dtype(x.dtype)
     xf, gf = x.to(acc), grad_y.to(acc)
     m = x.numel() // x.shape[1]
+    shape = (1, -1, *([1] * (x.dim() - 2)))
     var, mean = torch.var_mean(xf, dims, correction=0)
     inv = torch.rsqrt(var + eps)
-    x_hat = (xf - _channel_view(mean, x.dim())) * _channel_view(inv, x.dim())
+    x_hat = (xf - mean.reshape(shape)) * inv.reshape(shape)
     sum_g = gf.sum(dims)
     sum_gx = (gf * x_hat).sum(dims)
     gamma = weight.to(acc) if weight is not None else torch.ones_like(inv)
-    k = _channel_view(gamma * inv / m, x.dim())
-    grad_x = k * (m * gf - _channel_view(sum_g, x.dim()) - x_hat * _channel_view(sum_gx, x.dim()))
+    k = (gamma * inv / m).reshape(shape)
+    grad_x = k * (m * gf - sum_g.reshape(shape) - x_hat * sum_gx.reshape(shape))
     return grad_x.to(x.dtype), sum_gx, sum_g
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """Training-mode BN (Alg. 1). Returns ``(y, mu_B, var_B)``; only ``y`` is differentiable."""
+    """Training-mode BN (Alg. 1). Returns ``(y, mu_B, var_B)`` (float64 statistics); only ``y`` is
+    differentiable."""
 
     @staticmethod
     def forward(
         ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     ) -> tuple[Tensor, Tensor, Tensor]:
-        dims = reduce_dims(x)
-        acc = stats_dtype(x.dtype)
-        xf = x.to(acc)
-        var, mean = torch.var_mean(xf, dims, correction=0)  # Alg. 1, biased variance
-        inv = torch.rsqrt(var + eps)
-        scale = inv if weight is None else weight.to(acc) * inv
-        shift = -mean * scale if bias is None else bias.to(acc) - mean * scale
-        # Alg. 1 and Alg. 2 line 11 share this form: y = x · scale + shift per channel.
-        y = torch.addcmul(_channel_view(shift, x.dim()), xf, _channel_view(scale, x.dim()))
-        y = y.to(x.dtype)
-        ctx.save_for_backward(x, weight, mean, inv)
+        mean, var = torch_moments(x)  # Alg. 1: mu_B and the biased var_B
+        y = torch_normalize(x, mean, var, weight, bias, eps)  # Alg. 1: normalize, scale, shift
+        ctx.save_for_backward(x, weight, mean, var)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
     def backward(ctx, grad_y: Tensor, _grad_mean: Tensor, _grad_var: Tensor):
-        x, weight, mean, inv = ctx.saved_tensors
+        x, weight, mean, var = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: keep the backward differentiable
             gx, gw, gb = composite_backward(grad_y, x, weight, ctx.eps)
         else:
-            gx, gw, gb = _fast_backward(grad_y, x, weight, mean, inv, need_x)
+            sum_g, sum_gc = torch_backward_reduce(grad_y, x, mean)
+            gw = sum_gc * torch.rsqrt(var + ctx.eps)  # dl/dgamma = sum g x_hat
+            gb = sum_g  # dl/dbeta = sum g
+            gx = None
+            if need_x:
+                gx = torch_backward_elementwise(
+                    grad_y, x, mean, var, weight, sum_g, sum_gc, x.numel() // x.shape[1], ctx.eps
+                )
+        param_dtype = weight.dtype if weight is not None else x.dtype
         return (
             gx if need_x else None,
-            gw.to(weight.dtype) if need_w else None,
-            gb.to(weight.dtype if weight is not None else gb.dtype) if need_b else None,
+            gw.to(param_dtype) if need_w else None,
+            gb.to(param_dtype) if need_b else None,
             None,
         )
-
-
-def _fast_backward(
-    grad_y: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, inv: Tensor, need_x: bool
-) -> tuple[Tensor | None, Tensor, Tensor]:
-    """The two-reduction backward from saved μ_B and 1/σ_B (no graph)."""
-    dims = reduce_dims(x)
-    nd = x.dim()
-    acc = mean.dtype
-    xf, gf = x.to(acc), grad_y.to(acc)
-    m = x.numel() // x.shape[1]
-    centered = xf - _channel_view(mean, nd)
-    sum_g = gf.sum(dims)  # dl/dbeta
-    sum_gc = (gf * centered).sum(dims)
-    sum_gx = sum_gc * inv  # dl/dgamma = sum g x_hat
-    grad_x = None
-    if need_x:
-        gamma = weight.to(acc) if weight is not None else torch.ones_like(inv)
-        k = gamma * inv / m
-        # dl/dx = k (m g - sum g - x_hat sum g x_hat), with x_hat = centered * inv
-        grad_x = _channel_view(k * m, nd) * gf - _channel_view(k * sum_g, nd)
-        grad_x = grad_x - centered * _channel_view(k * sum_gx * inv, nd)
-        grad_x = grad_x.to(x.dtype)
-    return grad_x, sum_gx, sum_g

@@ -1,11 +1,8 @@
 """Validation and dispatch of the BN transform (Algorithm 1 in training, Algorithm 2 line 11 in eval).
 
-Three backends compute the same thing:
-
-- ``"fused"``: the fused C++ CPU kernels (:mod:`batchnorm.functional.kernels`), the default on CPU;
-- ``"python"``: :class:`~batchnorm.functional.autograd.BatchNormFunction`, plain torch ops with the
-  paper's analytic backward, used on CPU when the kernels cannot be built;
-- ``"native"``: PyTorch's own ``F.batch_norm``, used on every other device (CUDA gets cuDNN).
+Three backends compute the same thing (see :mod:`batchnorm.functional.backend`): the fused C++ CPU
+kernels, the portable :class:`~batchnorm.functional.autograd.BatchNormFunction`, and PyTorch's own
+``F.batch_norm`` (every non-CPU device).
 
 Inference mode always uses ``F.batch_norm``: it is one fused multiply-add per element, already at
 memory bandwidth, and it exports to ONNX as a ``BatchNormalization`` node.
@@ -16,10 +13,8 @@ refuse to write non-finite batch statistics into them (see :func:`batch_norm_tra
 
 from __future__ import annotations
 
-import contextlib
-import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -28,6 +23,7 @@ from torch import Tensor
 
 from . import kernels
 from .autograd import BatchNormFunction
+from .backend import BACKENDS, current_backend, select_backend, use_backend
 from .reference import reduce_dims
 
 __all__ = [
@@ -35,17 +31,13 @@ __all__ = [
     "BatchStats",
     "batch_norm",
     "batch_norm_train",
+    "check_hyperparameters",
     "check_input",
     "current_backend",
     "select_backend",
+    "update_running_stats",
     "use_backend",
 ]
-
-BACKENDS = ("auto", "fused", "python", "native")
-_backend_override: list[str] = []
-_ENV_BACKEND = os.environ.get("BATCHNORM_BACKEND", "auto")
-if _ENV_BACKEND not in BACKENDS:
-    raise ValueError(f"BATCHNORM_BACKEND must be one of {BACKENDS}, got {_ENV_BACKEND!r}")
 
 
 class BatchStats(NamedTuple):
@@ -54,38 +46,6 @@ class BatchStats(NamedTuple):
     output: Tensor
     mean: Tensor
     var: Tensor
-
-
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Force a backend inside a ``with`` block (tests, benchmarks, debugging)."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown batchnorm backend {name!r}; choose one of {BACKENDS}")
-    _backend_override.append(name)
-    try:
-        yield
-    finally:
-        _backend_override.pop()
-
-
-def current_backend() -> str:
-    """The requested backend: the innermost :func:`use_backend`, else ``$BATCHNORM_BACKEND`` (read
-    at import), else ``"auto"``."""
-    return _backend_override[-1] if _backend_override else _ENV_BACKEND
-
-
-def select_backend(x: Tensor) -> str:
-    """The backend that will run a training-mode call on ``x``."""
-    requested = current_backend()
-    if not x.is_cpu:
-        # DEVIATION from "fused everywhere": no GPU here to test GPU kernels on, so CUDA and
-        # other devices get PyTorch's own (cuDNN) kernels, whatever was requested.
-        return "native"
-    if requested == "auto":
-        return "fused" if kernels.load() else "python"
-    if requested == "fused" and not kernels.load():
-        raise RuntimeError(f"the fused backend was requested but {kernels.status()}")
-    return requested
 
 
 def check_input(
@@ -234,7 +194,7 @@ def _train(
             with torch.no_grad():  # PyTorch's own numerics here; 16-bit inputs reduced in float32
                 xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
                 var, mean = torch.var_mean(xs, reduce_dims(x), correction=0)
-        mean, var = mean.double(), var.double()
+                mean, var = mean.double(), var.double()
         update_running_stats(
             mean,
             var,

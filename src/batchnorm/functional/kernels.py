@@ -40,7 +40,7 @@ import torch
 __all__ = ["KernelsUnavailableWarning", "available", "cache_root", "load", "module", "status"]
 
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "batchnorm_cpu.cpp"
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": None, "reason": "", "module": None}
 
@@ -119,8 +119,13 @@ def _build_and_load() -> ModuleType:
 
 def load() -> bool:
     """Load (building if needed) the fused kernels; True if they are usable. Thread-safe, cached."""
-    if _state["loaded"] is not None:
+    if _state["loaded"] is not None:  # the common case, and all torch.compile has to trace
         return bool(_state["loaded"])
+    return _load_once()
+
+
+@torch.compiler.disable
+def _load_once() -> bool:
     with _lock:
         if _state["loaded"] is not None:
             return bool(_state["loaded"])
@@ -148,8 +153,45 @@ def load() -> bool:
                 stacklevel=3,
             )
             return False
+        _register_fake_kernels()
         _state.update(loaded=True, reason="", module=module)
         return True
+
+
+def _register_fake_kernels() -> None:
+    """Shape functions of the ops, so that torch.compile / torch.export can trace them."""
+
+    def stats(x: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((x.shape[1],), dtype=torch.float64)
+
+    @torch.library.register_fake("batchnorm::train_forward")
+    def _(x, weight, bias, running_mean, running_var, nbt, nonfinite, momentum, eps, guard):
+        return torch.empty_like(x), stats(x), stats(x)
+
+    @torch.library.register_fake("batchnorm::train_backward")
+    def _(grad_out, x, mean, var, weight, eps, mask):
+        param = weight if weight is not None else x
+        return (
+            torch.empty_like(x) if mask[0] else None,
+            param.new_empty((x.shape[1],)) if mask[1] else None,
+            param.new_empty((x.shape[1],)) if mask[2] else None,
+        )
+
+    @torch.library.register_fake("batchnorm::moments")
+    def _(x):
+        return stats(x), stats(x)
+
+    @torch.library.register_fake("batchnorm::normalize")
+    def _(x, mean, var, weight, bias, eps):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("batchnorm::backward_reduce")
+    def _(grad_out, x, mean):
+        return stats(x), stats(x)
+
+    @torch.library.register_fake("batchnorm::backward_elementwise")
+    def _(grad_out, x, mean, var, weight, sum_g, sum_gc, count, eps):
+        return torch.empty_like(x)
 
 
 def module() -> ModuleType:

@@ -21,7 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional.core import _train, check_hyperparameters, check_input, nonfinite_message
+from ..functional.core import (
+    _train,
+    check_hyperparameters,
+    check_input,
+    nonfinite_message,
+    update_running_stats,
+)
 from ..functional.stats import PopulationStats
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "StatsMode"]
@@ -232,20 +238,47 @@ class _BatchNormMixin:
         y, mean, var = _train(
             input, self.weight, self.bias, None, None, None, None, self.eps, False, None, ""
         )
+        self._record_population(mean, var, input.numel() // input.shape[1])
+        return y
+
+    @torch.no_grad()
+    def _record_population(self, mean: Tensor, var: Tensor, count: int) -> None:
+        """stats_mode="population" (Alg. 2): add one mini-batch's statistics (``count`` values per
+        channel) to the float64 accumulator and write the estimate into the running buffers."""
         if self.guard_nonfinite and not bool(
             torch.isfinite(mean).all() & torch.isfinite(var).all()
         ):
             if int(self.nonfinite_skips) == 0:
-                warnings.warn(nonfinite_message(self._where()), UserWarning, stacklevel=3)
+                warnings.warn(nonfinite_message(self._where()), UserWarning, stacklevel=4)
             self.nonfinite_skips.add_(1)
-            return y
-        self._population.update(mean, var, input.numel() // input.shape[1])
+            return
+        self._population.update(mean, var, count)
         est_mean, est_var = self._population.paper()
-        with torch.no_grad():
-            self.running_mean.copy_(est_mean)
-            self.running_var.copy_(est_var)
-            self.num_batches_tracked.add_(1)
-        return y
+        self.running_mean.copy_(est_mean)
+        self.running_var.copy_(est_var)
+        self.num_batches_tracked.add_(1)
+
+    def _update_running_stats(self, mean: Tensor, var: Tensor, count: int) -> None:
+        """Update the running buffers from statistics computed elsewhere (e.g. merged across
+        processes) with the layer's rule and guard; the fused path does this inside its kernel."""
+        if self._population_mode:
+            self._record_population(mean, var, count)
+            return
+        # Read a CPU counter only: reading a CUDA one would synchronize every step.
+        before = int(self.nonfinite_skips) if self.guard_nonfinite and mean.is_cpu else None
+        update_running_stats(
+            mean,
+            var,
+            count,
+            self.running_mean,
+            self.running_var,
+            self.num_batches_tracked,
+            self.nonfinite_skips,
+            self.momentum,
+            self.guard_nonfinite,
+        )
+        if before == 0 and int(self.nonfinite_skips) > 0:
+            warnings.warn(nonfinite_message(self._where()), UserWarning, stacklevel=4)
 
     def extra_repr(self) -> str:
         extra = super().extra_repr()  # type: ignore[misc]

@@ -1,5 +1,66 @@
-"""Tools on whole models: Algorithm 2 as a procedure (convert, and more to come)."""
+"""Tools on whole models: Algorithm 2 of arXiv:1502.03167 as a procedure.
 
+- :func:`add_batchnorm`: insert BN before the nonlinearities, drop the redundant biases (lines 1–2).
+- :func:`recalibrate`: estimate the population statistics with the weights frozen (lines 8–10).
+- :func:`freeze_stats` / :func:`unfreeze_stats`: keep the statistics fixed while γ/β train;
+  :func:`freeze`: turn BN layers into fixed affine layers (:class:`FrozenBatchNorm2d`, ...).
+- :func:`fold`: fold each BN into the layer next to it for inference (line 11), checked on a
+  probe input; the algebra as functions on tensors (:func:`bn_scale_shift`,
+  :func:`fold_bn_into_layer`, :func:`fold_bn_into_next_layer`) and on module pairs
+  (:func:`fold_modules`).
+- :func:`convert`: swap torch's BN layers for ours and back; :func:`convert_sync` /
+  :func:`convert_from_sync`: to :class:`~batchnorm.nn.SyncBatchNorm` and back.
+"""
+
+from ._graph import ModelTraceError
 from .convert import bn_layers, convert, name_layers
+from .folding import (
+    ChannelAffine,
+    FoldResult,
+    bn_scale_shift,
+    fold,
+    fold_bn_into_layer,
+    fold_bn_into_next_layer,
+    fold_modules,
+)
+from .freezing import (
+    FrozenBatchNorm,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    freeze,
+    freeze_stats,
+    unfreeze_stats,
+)
+from .insert import LAYERS, NONLINEARITIES, add_batchnorm
+from .recalibration import LayerRecalibration, RecalibrationReport, recalibrate
+from .sync import convert_from_sync, convert_sync
 
-__all__ = ["bn_layers", "convert", "name_layers"]
+__all__ = [
+    "LAYERS",
+    "NONLINEARITIES",
+    "ChannelAffine",
+    "FoldResult",
+    "FrozenBatchNorm",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "LayerRecalibration",
+    "ModelTraceError",
+    "RecalibrationReport",
+    "add_batchnorm",
+    "bn_layers",
+    "bn_scale_shift",
+    "convert",
+    "convert_from_sync",
+    "convert_sync",
+    "fold",
+    "fold_bn_into_layer",
+    "fold_bn_into_next_layer",
+    "fold_modules",
+    "freeze",
+    "freeze_stats",
+    "name_layers",
+    "recalibrate",
+    "unfreeze_stats",
+]

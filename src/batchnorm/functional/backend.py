@@ -1,0 +1,58 @@
+"""Which implementation runs a training-mode BN call.
+
+- ``"fused"``: the fused C++ CPU kernels (:mod:`batchnorm.functional.kernels`), the default on CPU;
+- ``"python"``: plain torch ops with the paper's analytic backward
+  (:class:`~batchnorm.functional.autograd.BatchNormFunction`), used on CPU when the kernels cannot
+  be built;
+- ``"native"``: PyTorch's own ``F.batch_norm``, used on every other device (CUDA gets cuDNN).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+from torch import Tensor
+
+from . import kernels
+
+__all__ = ["BACKENDS", "current_backend", "select_backend", "use_backend"]
+
+BACKENDS = ("auto", "fused", "python", "native")
+_override: list[str] = []
+_ENV_BACKEND = os.environ.get("BATCHNORM_BACKEND", "auto")
+if _ENV_BACKEND not in BACKENDS:
+    raise ValueError(f"BATCHNORM_BACKEND must be one of {BACKENDS}, got {_ENV_BACKEND!r}")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force a backend inside a ``with`` block (tests, benchmarks, debugging)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown batchnorm backend {name!r}; choose one of {BACKENDS}")
+    _override.append(name)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def current_backend() -> str:
+    """The requested backend: the innermost :func:`use_backend`, else ``$BATCHNORM_BACKEND`` (read
+    at import), else ``"auto"``."""
+    return _override[-1] if _override else _ENV_BACKEND
+
+
+def select_backend(x: Tensor) -> str:
+    """The backend that will run a training-mode call on ``x``."""
+    requested = current_backend()
+    if not x.is_cpu:
+        # DEVIATION from "fused everywhere": there is no GPU here to test GPU kernels on, so CUDA
+        # and other devices get PyTorch's own (cuDNN) kernels, whatever was requested.
+        return "native"
+    if requested == "auto":
+        return "fused" if kernels.load() else "python"
+    if requested == "fused" and not kernels.load():
+        raise RuntimeError(f"the fused backend was requested but {kernels.status()}")
+    return requested
