@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,3 +35,24 @@ def threads(request):
 
 def kernels_required() -> bool:
     return os.environ.get("BATCHNORM_KERNELS", "auto").lower() == "require"
+
+
+# The real MNIST / Fashion-MNIST IDX files live in shared/data next to the repository checkout
+# (see shared/data/*/README.md); BATCHNORM_TEST_DATA overrides. The project's code never hard-codes
+# this path: tests pass it explicitly.
+REPO = Path(__file__).resolve().parents[1]
+
+
+def real_data_root() -> Path:
+    return Path(os.environ.get("BATCHNORM_TEST_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = real_data_root()
+    if not (root / "mnist" / "train-images-idx3-ubyte.gz").is_file():
+        message = f"the real MNIST files are not in {root} (set BATCHNORM_TEST_DATA)"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI has them: their absence is a broken setup, not a skip
+        pytest.skip(message)
+    return root

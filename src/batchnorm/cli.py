@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
+from pathlib import Path
+
+# What --quick changes: a short run for CI and a first look (about half a minute).
+QUICK = {"steps": 2000, "eval_every": 100}
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -13,16 +18,194 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _reproduce_mnist(args: argparse.Namespace) -> int:
+    from . import data
+    from .experiments import mnist
+    from .reporting import mnist as report
+
+    base = mnist.MnistConfig()
+    overrides = dict(QUICK) if args.quick else {}
+    for name in (
+        "steps",
+        "batch_size",
+        "eval_every",
+        "population_batches",
+        "momentum",
+        "dataset",
+        "threads",
+    ):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    try:
+        base = replace(base, **overrides)
+        configs = mnist.sweep(
+            base,
+            lrs=args.lr or (),
+            init_stds=args.init_std or (),
+            epss=args.eps or (),
+            seeds=args.seeds or (),
+        )
+    except ValueError as exc:
+        print(f"batchnorm reproduce mnist: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out or ("runs/mnist-quick" if args.quick else "runs/mnist"))
+    try:
+        dataset = data.load(base.dataset, args.data_dir, download=not args.no_download)
+    except data.DataError as exc:
+        print(f"batchnorm reproduce mnist: {exc}", file=sys.stderr)
+        return 1
+    prepared = mnist.prepare_data(dataset, base.binarize_threshold)
+    print(f"data: {dataset.name} from {dataset.source}; {len(configs)} run(s) into {out}")
+    current = None
+    try:
+        for cfg in configs:
+            current = out / mnist.run_name(cfg)
+            mnist.run(cfg, current, prepared, progress=not args.no_progress)
+            report.write_run_report(report.load_run(current))
+    except mnist.RunError as exc:
+        print(f"batchnorm reproduce mnist: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted; {current} keeps its last checkpoint. Run the same command to resume.",
+            file=sys.stderr,
+        )
+        return 130
+    path = report.write_sweep_report(out, report.find_runs(out))
+    print(f"report: {path}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .reporting import mnist as report
+
+    try:
+        path = report.write_reports(args.folder)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        print(f"batchnorm report: {exc}", file=sys.stderr)
+        return 1
+    print(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchnorm",
         description="Batch Normalization (Ioffe & Szegedy, 2015): layers, kernels and the paper's experiments.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="train a small BN network on synthetic data (about a minute)")
+    p = sub.add_parser("demo", help="train a small BN network on synthetic data (a few seconds)")
     p.add_argument("--steps", type=int, default=400, help="SGD steps (default: 400)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=_demo)
+
+    rep = sub.add_parser("reproduce", help="reproduce one of the paper's experiments")
+    rsub = rep.add_subparsers(dest="experiment", required=True)
+    from .experiments.mnist import MnistConfig
+
+    d = MnistConfig()
+    m = rsub.add_parser(
+        "mnist",
+        help="Figure 1: MNIST MLP with and without BN (about 3 minutes per seed on 2 cores)",
+        description=(
+            "Reproduce Figure 1 of the paper (Sec. 4.1): a 784-100-100-100-10 sigmoid MLP on "
+            "binarized MNIST, trained with plain SGD with and without BN (our BatchNorm1d before "
+            "every hidden sigmoid, hidden biases dropped), same seed and data order. Writes one "
+            "folder per setting (config.json, env.json, metrics.jsonl/.csv, checkpoint, TensorBoard "
+            "events, figure1.png/.svg, report.md) and a summary report.md in --out. Interrupted "
+            "runs resume from their last checkpoint when the same command is run again. "
+            "Lists (--lr 0.1,0.5) run every combination."
+        ),
+    )
+    m.add_argument(
+        "--steps",
+        type=int,
+        help=f"SGD steps per network (default {d.steps}; --quick: {QUICK['steps']})",
+    )
+    m.add_argument(
+        "--batch-size", type=int, help=f"examples per mini-batch (default {d.batch_size})"
+    )
+    m.add_argument("--lr", type=_floats, help=f"learning rate(s), comma-separated (default {d.lr})")
+    m.add_argument(
+        "--init-std",
+        type=_floats,
+        help=f"std(s) of the Gaussian initial weights (default {d.init_std})",
+    )
+    m.add_argument("--eps", type=_floats, help=f"BN epsilon(s) (default {d.eps})")
+    m.add_argument(
+        "--seeds",
+        type=_ints,
+        help=f"seed(s), e.g. 0,1,2; with 3 or more the report shows mean and spread (default {d.seed})",
+    )
+    m.add_argument(
+        "--eval-every",
+        type=int,
+        help=f"steps between test evaluations and checkpoints (default {d.eval_every}; --quick: {QUICK['eval_every']})",
+    )
+    m.add_argument(
+        "--population-batches",
+        type=int,
+        help=f"training batches of the Alg. 2 population pass at each evaluation (default {d.population_batches})",
+    )
+    m.add_argument(
+        "--momentum",
+        type=float,
+        help=f"momentum of BN's moving-average statistics (default {d.momentum})",
+    )
+    m.add_argument(
+        "--threads",
+        type=int,
+        help=f"intra-op threads while training (default {d.threads}: predictable on a shared machine)",
+    )
+    m.add_argument(
+        "--dataset", choices=["mnist", "fashion-mnist"], help=f"data set (default {d.dataset})"
+    )
+    m.add_argument(
+        "--out", help="output folder (default runs/mnist, or runs/mnist-quick with --quick)"
+    )
+    m.add_argument(
+        "--data-dir",
+        help="folder with the four IDX files (else $BATCHNORM_DATA, the cache, or a download)",
+    )
+    m.add_argument("--no-download", action="store_true", help="never download the data set")
+    m.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a short run: {QUICK['steps']} steps, evaluated every {QUICK['eval_every']}",
+    )
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.set_defaults(func=_reproduce_mnist)
+
+    r = sub.add_parser(
+        "report",
+        help="regenerate plots and report.md of a run or sweep folder from its files",
+    )
+    r.add_argument("folder", help="a run folder, or the --out folder of `batchnorm reproduce`")
+    r.set_defaults(func=_report)
     return parser
 
 

@@ -1,0 +1,674 @@
+"""Figure 1 of the paper (Sec. 4.1): an MLP on MNIST with and without BN, and its activations over time.
+
+The experiment (arXiv:1502.03167, Sec. 4.1), and the choices the paper leaves open:
+
+- Input: the 28×28 image binarized as ``pixel >= 128`` (of 0..255) → 1.0, else 0.0; 784 values.
+  # DEVIATION: the paper says "binary" but not how; a fixed threshold at half intensity is the
+  # simplest deterministic reading (stochastic binarization would add noise the paper doesn't mention).
+- Network: 784 → 100 → 100 → 100 → 10, sigmoid hidden units, softmax + cross-entropy. Every weight
+  (and the output layer's) ~ N(0, ``init_std``²), biases 0. The BN network puts our
+  :class:`~batchnorm.nn.BatchNorm1d` on each hidden layer's ``Wu`` before the sigmoid and drops the
+  hidden biases (Sec. 3.2: the mean subtraction cancels them, β takes their role). Both networks
+  start from the *same* weight matrices (same seed, same draws).
+- Training: plain SGD (no momentum, no weight decay), mini-batches of 60, 50,000 steps, both
+  networks stepped on the same mini-batch at every step. The data order is a pure function of
+  ``(seed, step)``: a fresh permutation of the 60,000 training images per epoch (1,000 steps).
+- Evaluation every ``eval_every`` steps on the 10,000 test images: the baseline; the BN network in
+  inference mode with the *population* statistics of Alg. 2 (a copy of the network, each BN layer in
+  ``stats_mode="population"``, statistics reset, ``population_batches`` random training batches of
+  size 60 run in training mode without gradients, then ``eval()``), and with the moving-average
+  (EMA, momentum ``momentum``) statistics kept during training.
+- Figure 1(b, c): the 15th/50th/85th percentiles of each last-hidden-layer unit's sigmoid input on a
+  fixed held-out batch (the first ``probe_examples`` test images), both networks in inference mode
+  (the BN network with population statistics). ``probe_unit`` is the unit drawn in the figure;
+  every unit's percentiles are recorded too.
+
+Runs survive interruption: after each evaluation the models, optimizers, RNG state and the metrics
+so far are checkpointed atomically, and the same command resumes from there and produces the same
+metrics as an uninterrupted run (timing fields, whose names end in ``_s``, aside).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import hashlib
+import io
+import itertools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import __version__, data
+from .._atomic import atomic_path, write_text
+from ..functional import kernels
+from ..nn import BatchNorm1d
+from ..tools import name_layers, recalibrate
+
+__all__ = [
+    "CHECKPOINT",
+    "CheckpointError",
+    "MnistConfig",
+    "MnistData",
+    "RunConfigMismatchError",
+    "RunError",
+    "build_mlp",
+    "load_records",
+    "population_copy",
+    "prepare_data",
+    "run",
+    "run_name",
+    "sweep",
+]
+
+CHECKPOINT = "checkpoint.pt"
+_CHECKPOINT_VERSION = 1
+QUANTILES = (0.15, 0.50, 0.85)
+SENSITIVITY_BATCHES = (5, 20, 100, 500)
+
+
+@dataclass(frozen=True)
+class MnistConfig:
+    """Every setting of one run; saved to ``config.json`` and compared on resume."""
+
+    steps: int = 50_000  # SGD steps (the paper: 50,000)
+    batch_size: int = 60  # examples per mini-batch (the paper: 60)
+    # Not in the paper (see the report for the sensitivity sweep that backs these):
+    lr: float = 0.5  # plain SGD learning rate, the same for both networks
+    init_std: float = 0.01  # std of the Gaussian initial weights ("small random Gaussian values")
+    eps: float = 1e-5  # BN's ε (torch's default)
+    momentum: float = 0.1  # EMA momentum of the running statistics (torch's default)
+    seed: int = 0  # initial weights, data order and population batches derive from it
+    eval_every: int = 500  # steps between test evaluations (and checkpoints)
+    population_batches: int = 100  # training batches of the Alg. 2 population pass (6,000 images)
+    probe_unit: int = 0  # the last-hidden-layer unit drawn in Figure 1(b, c)
+    probe_examples: int = 1000  # the fixed held-out batch: the first N test images
+    binarize_threshold: int = 128  # pixel >= threshold -> 1.0
+    hidden: tuple[int, ...] = (100, 100, 100)
+    dataset: str = "mnist"
+    # Intra-op threads while the run trains. At 60×100 activations a second thread gains about 20%
+    # on a quiet machine, but on a busy one spinning OpenMP threads made each step several times
+    # slower (benchmarks/README.md); one thread is predictable. Part of the config because matmul
+    # results may differ in the last bit between thread counts, and a resumed run must match.
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> ValueError:
+            return ValueError(f"MnistConfig: {msg}")
+
+        for name in (
+            "steps",
+            "batch_size",
+            "eval_every",
+            "population_batches",
+            "probe_examples",
+            "threads",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise bad(f"{name} must be a positive integer, got {value!r}")
+        if self.batch_size < 2:
+            raise bad(f"batch_size must be at least 2 (BN needs m > 1), got {self.batch_size}")
+        for name in ("lr", "init_std", "eps"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0 and value < float("inf")):
+                raise bad(f"{name} must be a positive finite number, got {value!r}")
+        if not 0 <= self.momentum <= 1:
+            raise bad(f"momentum must be in [0, 1], got {self.momentum}")
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            raise bad(f"hidden must be a non-empty list of positive sizes, got {self.hidden}")
+        if not 0 <= self.probe_unit < self.hidden[-1]:
+            raise bad(f"probe_unit must be in [0, {self.hidden[-1]}), got {self.probe_unit}")
+        if not 0 < self.binarize_threshold <= 255:
+            raise bad(f"binarize_threshold must be in 1..255, got {self.binarize_threshold}")
+        if self.dataset not in data.DATASETS:
+            raise bad(f"dataset must be one of {', '.join(data.DATASETS)}, got {self.dataset!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+
+class RunError(ValueError):
+    """A run folder cannot be resumed as it is; the message says why and what to do."""
+
+
+class RunConfigMismatchError(RunError):
+    """A run folder already holds a run with different settings."""
+
+
+class CheckpointError(RunError):
+    """A run's checkpoint cannot be read."""
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MnistData:
+    """The binarized data set, flattened: float32 ``(N, 784)`` inputs in {0, 1}, int64 labels."""
+
+    name: str
+    threshold: int
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    source: str
+
+
+def prepare_data(dataset: data.Dataset, threshold: int = 128) -> MnistData:
+    """Binarize once (``pixel >= threshold``) into contiguous tensors that batches index directly."""
+
+    def flat(images: Tensor) -> Tensor:
+        return (images.reshape(len(images), -1) >= threshold).float().contiguous()
+
+    return MnistData(
+        dataset.name,
+        threshold,
+        flat(dataset.train.images),
+        dataset.train.labels.contiguous(),
+        flat(dataset.test.images),
+        dataset.test.labels.contiguous(),
+        str(dataset.source),
+    )
+
+
+def _derive_seed(seed: int, *parts: object) -> int:
+    """An independent 63-bit seed for each (seed, purpose, index), stable across Python versions."""
+    h = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+class DataOrder:
+    """The training batches, a pure function of ``(seed, step)``: one permutation per epoch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.steps_per_epoch = n // batch_size  # the last partial batch of an epoch is dropped
+        self._epoch = -1
+        self._perm = torch.empty(0, dtype=torch.long)
+
+    def indices(self, step: int) -> Tensor:
+        """Indices of the batch used by training step ``step`` (1-based)."""
+        epoch, pos = divmod(step - 1, self.steps_per_epoch)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(_derive_seed(self.seed, "order", epoch))
+            self._perm, self._epoch = torch.randperm(self.n, generator=gen), epoch
+        return self._perm[pos * self.batch_size : (pos + 1) * self.batch_size]
+
+
+# -- models -------------------------------------------------------------------------------------
+
+
+def build_mlp(
+    cfg: MnistConfig, *, bn: bool, in_features: int = 784, classes: int = 10
+) -> nn.Sequential:
+    """The Figure 1 network; with ``bn``, BN before every hidden sigmoid and no hidden biases.
+
+    The weights are drawn from N(0, init_std²) by a generator seeded from ``cfg.seed`` in the same
+    order for both variants, so the two networks start from identical weight matrices.
+    """
+    gen = torch.Generator().manual_seed(_derive_seed(cfg.seed, "init"))
+    layers: list[nn.Module] = []
+    width = in_features
+    for h in cfg.hidden:
+        layers.append(nn.Linear(width, h, bias=not bn))  # Sec. 3.2: the bias is redundant before BN
+        if bn:
+            layers.append(BatchNorm1d(h, eps=cfg.eps, momentum=cfg.momentum))
+        layers.append(nn.Sigmoid())
+        width = h
+    layers.append(nn.Linear(width, classes))
+    model = nn.Sequential(*layers)
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0.0, cfg.init_std, generator=gen)
+                if m.bias is not None:
+                    m.bias.zero_()
+    return name_layers(model)
+
+
+def _sigmoid_input(model: nn.Sequential, x: Tensor) -> Tensor:
+    """The input of the last hidden sigmoid (Figure 1(b, c)): ``Wu + b`` or ``BN(Wu)``."""
+    last = max(i for i, m in enumerate(model) if isinstance(m, nn.Sigmoid))
+    return model[:last](x)
+
+
+def population_copy(model: nn.Module, batches: Iterable[Tensor]) -> nn.Module:
+    """A copy of ``model`` in eval mode whose BN layers hold the population statistics of Alg. 2.
+
+    :func:`batchnorm.tools.recalibrate` with the paper's estimator runs ``batches`` through the copy
+    in training mode without gradients (each layer sees inputs produced by the layers below in
+    training mode, as in the paper's N_BN^tr) and sets E[x] = E_B[μ_B] and Var[x] =
+    m/(m−1)·E_B[σ²_B] (Alg. 2 lines 9–10). The original model is untouched.
+    """
+    pop = copy.deepcopy(model)
+    recalibrate(pop, batches, "paper")
+    return pop.eval()
+
+
+# -- one run ------------------------------------------------------------------------------------
+
+
+def run_name(cfg: MnistConfig) -> str:
+    """The run folder's name: the settings a sweep varies."""
+    return f"lr{cfg.lr:g}_std{cfg.init_std:g}_eps{cfg.eps:g}_seed{cfg.seed}"
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+
+    return {
+        "batchnorm": __version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _git_revision() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+        )
+        if rev.returncode != 0:
+            return "unknown (not a git checkout)"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return rev.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (git not available)"
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _session_env(cfg: MnistConfig, resumed_from: int, source: str) -> dict:
+    return {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "resumed_from_step": resumed_from,
+        "seed": cfg.seed,
+        "versions": _versions(),
+        "git_revision": _git_revision(),
+        "command": sys.argv,
+        "platform": platform.platform(),
+        "cpu": _cpu(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "bn_kernels": kernels.status(),
+        "data_source": source,
+    }
+
+
+def _check_or_write_config(run_dir: Path, cfg: MnistConfig) -> None:
+    path = run_dir / "config.json"
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())["config"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise RunConfigMismatchError(
+                f"{path} is not a config this program wrote ({exc}); use another --out folder"
+            ) from exc
+        mine = cfg.to_dict()
+        diff = [
+            f"{k}: saved {saved.get(k)!r}, now {mine.get(k)!r}"
+            for k in sorted(set(saved) | set(mine))
+            if saved.get(k) != mine.get(k)
+        ]
+        if diff:
+            raise RunConfigMismatchError(
+                f"{run_dir} already holds a run with different settings ({'; '.join(diff)}). "
+                "Run with the same settings to resume it, or choose another --out folder."
+            )
+        return
+    write_text(
+        path, json.dumps({"config": cfg.to_dict(), "versions": _versions()}, indent=2) + "\n"
+    )
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+
+
+def load_records(run_dir: Path) -> list[dict]:
+    """The metrics of a run, one dict per evaluation, from ``metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_metrics(run_dir: Path, records: list[dict]) -> None:
+    write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    scalar_keys = [k for k in records[0] if not isinstance(records[0][k], list)]
+    for r in records[1:]:
+        scalar_keys += [k for k in r if k not in scalar_keys and not isinstance(r[k], list)]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=scalar_keys, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    write_text(run_dir / "metrics.csv", out.getvalue())
+
+
+@dataclass
+class _Net:
+    name: str
+    model: nn.Sequential
+    opt: torch.optim.SGD
+    loss_sum: Tensor = field(default_factory=lambda: torch.zeros(()))  # since the last evaluation
+    train_s: float = 0.0  # seconds spent in this network's SGD steps, over all sessions
+
+
+def _accuracy_and_loss(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
+    with torch.no_grad():
+        logits = model(x)
+        acc = (logits.argmax(1) == y).double().mean().item()
+        loss = F.cross_entropy(logits, y).item()
+    return acc, loss
+
+
+def _percentiles(model: nn.Sequential, x: Tensor) -> list[list[float]]:
+    with torch.no_grad():
+        z = _sigmoid_input(model, x)
+        q = torch.quantile(z.double(), torch.tensor(QUANTILES, dtype=torch.float64), dim=0)
+    return q.tolist()  # [3][units]
+
+
+def _population_batches(cfg: MnistConfig, d: MnistData, key: tuple, k: int) -> list[Tensor]:
+    """``k`` random training batches (without repeats), drawn by a generator seeded by ``key``."""
+    gen = torch.Generator().manual_seed(_derive_seed(cfg.seed, *key))
+    idx = torch.randperm(len(d.x_train), generator=gen)[: k * cfg.batch_size]
+    return list(d.x_train[idx].split(cfg.batch_size))
+
+
+def _evaluate(
+    cfg: MnistConfig, d: MnistData, step: int, plain: _Net, bn: _Net, steps_since: int
+) -> dict:
+    start = time.perf_counter()
+    rec: dict = {"step": step, "epoch": step * cfg.batch_size / len(d.x_train)}
+    for net in (plain, bn):
+        rec[f"train_loss_{net.name}"] = (net.loss_sum / steps_since).item() if steps_since else None
+        net.loss_sum.zero_()
+    probe = d.x_test[: cfg.probe_examples]
+    plain.model.eval()
+    rec["test_acc_plain"], rec["test_loss_plain"] = _accuracy_and_loss(
+        plain.model, d.x_test, d.y_test
+    )
+    pct_plain = _percentiles(plain.model, probe)
+    plain.model.train()
+    bn.model.eval()
+    rec["test_acc_bn_ema"], rec["test_loss_bn_ema"] = _accuracy_and_loss(
+        bn.model, d.x_test, d.y_test
+    )
+    bn.model.train()
+    pop = population_copy(
+        bn.model, _population_batches(cfg, d, ("population", step), cfg.population_batches)
+    )
+    rec["test_acc_bn_population"], rec["test_loss_bn_population"] = _accuracy_and_loss(
+        pop, d.x_test, d.y_test
+    )
+    pct_bn = _percentiles(pop, probe)
+    for name, pct in (("plain", pct_plain), ("bn", pct_bn)):
+        for q, row in zip(QUANTILES, pct, strict=True):
+            rec[f"unit_p{round(q * 100)}_{name}"] = row[cfg.probe_unit]
+    for name, pct in (("plain", pct_plain), ("bn", pct_bn)):
+        for q, row in zip(QUANTILES, pct, strict=True):
+            rec[f"layer_p{round(q * 100)}_{name}"] = row
+    rec["eval_s"] = time.perf_counter() - start
+    return rec
+
+
+def _sensitivity(cfg: MnistConfig, d: MnistData, bn_model: nn.Module) -> dict:
+    """Test accuracy of the final BN network for several sizes of the population pass."""
+    out = {"step": cfg.steps, "batch_size": cfg.batch_size, "accuracy": {}}
+    for k in SENSITIVITY_BATCHES:
+        accs = []
+        for rep in range(3):
+            pop = population_copy(bn_model, _population_batches(cfg, d, ("sensitivity", k, rep), k))
+            accs.append(_accuracy_and_loss(pop, d.x_test, d.y_test)[0])
+        out["accuracy"][str(k)] = accs
+    return out
+
+
+def run(
+    cfg: MnistConfig,
+    run_dir: str | os.PathLike,
+    d: MnistData,
+    *,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> Path:
+    """Train both networks (or resume), evaluate every ``cfg.eval_every`` steps; return ``run_dir``.
+
+    Writes ``config.json``, ``env.json``, ``metrics.jsonl``/``.csv``, ``population_batches.json``,
+    ``checkpoint.pt`` and TensorBoard events under ``tb/``. Plots and the report are drawn from
+    these files by :mod:`batchnorm.reporting.mnist`.
+    """
+    run_dir = Path(run_dir)
+    if d.name != cfg.dataset or d.threshold != cfg.binarize_threshold:
+        raise ValueError(
+            f"the data were prepared for {d.name!r} with threshold {d.threshold}, but the config asks "
+            f"for {cfg.dataset!r} with threshold {cfg.binarize_threshold}"
+        )
+    if cfg.probe_examples > len(d.x_test):
+        raise ValueError(
+            f"probe_examples = {cfg.probe_examples} exceeds the {len(d.x_test)} test images"
+        )
+    if cfg.population_batches * cfg.batch_size > len(d.x_train):
+        raise ValueError(
+            f"population_batches × batch_size = {cfg.population_batches * cfg.batch_size} exceeds "
+            f"the {len(d.x_train)} training images"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(run_dir):
+        _check_or_write_config(run_dir, cfg)
+        # A run killed hard (SIGKILL, power loss) in the middle of an atomic write leaves its
+        # temporary file behind; the lock guarantees no other process is writing one now.
+        for part in run_dir.glob(".*.part"):
+            part.unlink()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(cfg.threads)
+        try:
+            return _run(cfg, run_dir, d, progress, echo)
+        finally:
+            torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _exclusive(run_dir: Path) -> Iterator[None]:
+    """Hold an advisory lock on the run folder: two processes must not train the same run.
+
+    The operating system drops the lock when the process dies, however it dies.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock, and the user must not start a run twice
+        yield
+        return
+    with open(run_dir / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(
+                f"{run_dir} is in use by another process running the same settings; wait for it "
+                "to finish, or stop it and run the command again to resume"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run(
+    cfg: MnistConfig, run_dir: Path, d: MnistData, progress: bool, echo: Callable[[str], None]
+) -> Path:
+    plain, bn = (
+        _Net(name, model, torch.optim.SGD(model.parameters(), lr=cfg.lr))
+        for name, model in (("plain", build_mlp(cfg, bn=False)), ("bn", build_mlp(cfg, bn=True)))
+    )
+    torch.manual_seed(cfg.seed)  # nothing draws from it today; saved and restored all the same
+
+    ckpt_path = run_dir / CHECKPOINT
+    records: list[dict] = []
+    start_step = 0
+    if ckpt_path.exists():
+        try:
+            state = torch.load(ckpt_path, weights_only=True)
+        except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+            raise CheckpointError(
+                f"{ckpt_path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}). Checkpoints "
+                "are written atomically, so the file was damaged afterwards. Delete it to start "
+                "this run again from step 0 (its metrics will be rewritten), or use another --out."
+            ) from exc
+        if not isinstance(state, dict) or state.get("version") != _CHECKPOINT_VERSION:
+            raise CheckpointError(
+                f"{ckpt_path} is not a checkpoint of this program (version "
+                f"{state.get('version') if isinstance(state, dict) else None!r}); use another --out"
+            )
+        for net in (plain, bn):
+            net.model.load_state_dict(state["models"][net.name])
+            net.opt.load_state_dict(state["optimizers"][net.name])
+            net.train_s = state["train_s"][net.name]
+        torch.set_rng_state(state["rng_torch"])
+        records = state["metrics"]
+        start_step = state["step"]
+        _write_metrics(run_dir, records)  # metrics written after the checkpoint may be newer
+    if start_step >= cfg.steps:
+        echo(f"{run_dir}: already complete ({cfg.steps} steps)")
+        _write_sensitivity(run_dir, cfg, d, bn.model)
+        return run_dir
+    env_path = run_dir / "env.json"
+    sessions = json.loads(env_path.read_text())["sessions"] if env_path.exists() else []
+    sessions.append(_session_env(cfg, start_step, d.source))
+    write_text(env_path, json.dumps({"sessions": sessions}, indent=2) + "\n")
+    if start_step:
+        echo(f"{run_dir}: resuming at step {start_step} of {cfg.steps}")
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+    order = DataOrder(len(d.x_train), cfg.batch_size, cfg.seed)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=cfg.steps,
+            initial=start_step,
+            unit="step",
+            desc=run_name(cfg),
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
+
+    def checkpoint(step: int, rec: dict) -> None:
+        records.append(rec)
+        for key, value in rec.items():
+            if isinstance(value, (int, float)) and key not in ("step",):
+                tb.add_scalar(key, value, step)
+        tb.flush()
+        _save_checkpoint(
+            ckpt_path,
+            {
+                "version": _CHECKPOINT_VERSION,
+                "step": step,
+                "models": {n.name: n.model.state_dict() for n in (plain, bn)},
+                "optimizers": {n.name: n.opt.state_dict() for n in (plain, bn)},
+                "train_s": {n.name: n.train_s for n in (plain, bn)},
+                "rng_torch": torch.get_rng_state(),
+                "metrics": records,
+            },
+        )
+        _write_metrics(run_dir, records)
+
+    try:
+        if start_step == 0:
+            checkpoint(0, _evaluate(cfg, d, 0, plain, bn, 0))
+        last_eval = start_step
+        for step in range(start_step + 1, cfg.steps + 1):
+            idx = order.indices(step)
+            # index_select: the same rows as x[idx], in a quarter of the time (benchmarks/)
+            x, y = d.x_train.index_select(0, idx), d.y_train.index_select(0, idx)
+            for net in (plain, bn):
+                t0 = time.perf_counter()
+                loss = F.cross_entropy(net.model(x), y)
+                net.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                net.opt.step()
+                net.loss_sum += loss.detach()
+                net.train_s += time.perf_counter() - t0
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                rec = _evaluate(cfg, d, step, plain, bn, step - last_eval)
+                rec["train_plain_s"], rec["train_bn_s"] = plain.train_s, bn.train_s
+                last_eval = step
+                checkpoint(step, rec)
+                if bar is not None:
+                    bar.set_postfix(
+                        bn=f"{rec['test_acc_bn_population']:.4f}",
+                        plain=f"{rec['test_acc_plain']:.4f}",
+                        refresh=False,
+                    )
+            if bar is not None and step % 50 == 0:
+                bar.update(step - bar.n)
+        if bar is not None:
+            bar.update(cfg.steps - bar.n)
+    finally:
+        if bar is not None:
+            bar.close()
+        tb.close()
+
+    _write_sensitivity(run_dir, cfg, d, bn.model)
+    return run_dir
+
+
+def _write_sensitivity(run_dir: Path, cfg: MnistConfig, d: MnistData, bn_model: nn.Module) -> None:
+    path = run_dir / "population_batches.json"
+    if not path.exists():
+        write_text(path, json.dumps(_sensitivity(cfg, d, bn_model), indent=2) + "\n")
+
+
+# -- sweeps -------------------------------------------------------------------------------------
+
+
+def sweep(
+    base: MnistConfig,
+    *,
+    lrs: Sequence[float] = (),
+    init_stds: Sequence[float] = (),
+    epss: Sequence[float] = (),
+    seeds: Sequence[int] = (),
+) -> list[MnistConfig]:
+    """Every combination of the given values (an empty list keeps the base value), seeds innermost."""
+    return [
+        replace(base, lr=lr, init_std=std, eps=eps, seed=seed)
+        for lr, std, eps, seed in itertools.product(
+            lrs or [base.lr], init_stds or [base.init_std], epss or [base.eps], seeds or [base.seed]
+        )
+    ]

@@ -1,0 +1,347 @@
+"""batchnorm.data: the IDX reader, where files are found, verification, downloads, clear errors.
+
+Error paths use small IDX files written byte by byte here (struct, not the library's code); the real
+MNIST and Fashion-MNIST files (shared/data) check the loader on the data it exists for.
+"""
+
+import contextlib
+import gzip
+import hashlib
+import http.server
+import socket
+import struct
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from batchnorm import data
+from batchnorm.data.idx import IdxError, parse_idx
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """A ubyte IDX file: 0x00 0x00 0x08 ndim, big-endian uint32 dims, then the bytes."""
+    array = np.asarray(array, dtype=np.uint8)
+    return (
+        bytes([0, 0, 8, array.ndim])
+        + struct.pack(f">{array.ndim}I", *array.shape)
+        + array.tobytes()
+    )
+
+
+def make_tiny(folder: Path, *, n_train=20, n_test=10, side=6, compress=True, seed=0):
+    """Write a tiny IDX data set into ``folder``; return (spec, arrays)."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train_images": rng.integers(0, 256, (n_train, side, side), dtype=np.uint8),
+        "train_labels": rng.integers(0, 3, n_train, dtype=np.uint8),
+        "test_images": rng.integers(0, 256, (n_test, side, side), dtype=np.uint8),
+        "test_labels": rng.integers(0, 3, n_test, dtype=np.uint8),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for role, f in data.MNIST.files.items():
+        raw = idx_bytes(arrays[role])
+        if compress:
+            (folder / f.name).write_bytes(gzip.compress(raw))
+        else:
+            (folder / f.name[:-3]).write_bytes(raw)
+        files[role] = data.FileSpec(f.name, hashlib.md5(raw).hexdigest())
+    spec = data.DatasetSpec(name="tiny", files=files, classes=("a", "b", "c"))
+    return spec, arrays
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """No $BATCHNORM_DATA, and a private cache root."""
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    monkeypatch.setenv("BATCHNORM_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the socket is: connections are refused
+
+
+def assert_same(ds: data.Dataset, arrays: dict) -> None:
+    assert ds.train.images.dtype == torch.uint8 and ds.train.labels.dtype == torch.int64
+    assert ds.train.images.shape == (len(arrays["train_images"]), 1, 6, 6)
+    np.testing.assert_array_equal(ds.train.images[:, 0].numpy(), arrays["train_images"])
+    np.testing.assert_array_equal(ds.train.labels.numpy(), arrays["train_labels"])
+    np.testing.assert_array_equal(ds.test.images[:, 0].numpy(), arrays["test_images"])
+    np.testing.assert_array_equal(ds.test.labels.numpy(), arrays["test_labels"])
+
+
+# -- the IDX format -------------------------------------------------------------------------------
+
+
+def test_parse_idx_reads_what_was_written():
+    a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    np.testing.assert_array_equal(parse_idx(idx_bytes(a)), a)
+    assert parse_idx(idx_bytes(a)).flags.writeable
+
+
+def test_parse_idx_multibyte_types_are_big_endian():
+    raw = bytes([0, 0, 0x0C, 1]) + struct.pack(">I", 2) + struct.pack(">ii", 1, -70000)
+    np.testing.assert_array_equal(parse_idx(raw), [1, -70000])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+    cut=st.floats(0, 1, exclude_max=True),
+    seed=st.integers(0, 2**16),
+)
+def test_any_idx_round_trips_and_any_truncation_is_refused(shape, cut, seed):
+    a = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+    raw = idx_bytes(a)
+    np.testing.assert_array_equal(parse_idx(raw), a)
+    with pytest.raises(IdxError, match="truncated"):
+        parse_idx(raw[: int(cut * len(raw))])
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"\x00\x00", "not even an IDX header"),
+        (b"PK\x03\x04rest", "not an IDX file"),
+        (bytes([0, 0, 8, 3]) + struct.pack(">II", 5, 28), "truncated inside its header"),
+        (
+            idx_bytes(np.zeros((5, 4), np.uint8))[:-3],
+            r"is truncated: 29 bytes, but its header \(dims \(5, 4\)\) needs 32",
+        ),
+        (idx_bytes(np.zeros((5, 4), np.uint8)) + b"\x00", "longer than its header says"),
+    ],
+    ids=["short", "magic", "header", "payload", "trailing"],
+)
+def test_parse_idx_refuses_malformed_files(raw, message):
+    with pytest.raises(IdxError, match=message):
+        parse_idx(raw, "some.idx")
+
+
+# -- finding and loading --------------------------------------------------------------------------
+
+
+def test_load_from_data_dir(isolated):
+    spec, arrays = make_tiny(isolated / "d")
+    ds = data.load(spec, isolated / "d")
+    assert_same(ds, arrays)
+    assert ds.source == isolated / "d" and ds.classes == ("a", "b", "c")
+
+
+def test_data_dir_may_hold_a_subfolder_named_after_the_data_set(isolated):
+    spec, arrays = make_tiny(isolated / "root" / "tiny")
+    assert_same(data.load(spec, isolated / "root"), arrays)
+
+
+def test_uncompressed_idx_files_are_accepted(isolated):
+    spec, arrays = make_tiny(isolated / "d", compress=False)
+    assert_same(data.load(spec, isolated / "d"), arrays)
+
+
+def test_recompressed_copies_are_accepted(isolated):
+    """Debian recompressed Fashion-MNIST: different .gz bytes, same content, same data set."""
+    spec, arrays = make_tiny(isolated / "d")
+    for f in spec.files.values():
+        path = isolated / "d" / f.name
+        path.write_bytes(
+            gzip.compress(gzip.decompress(path.read_bytes()), compresslevel=1, mtime=7)
+        )
+    assert_same(data.load(spec, isolated / "d"), arrays)
+
+
+def test_env_var_then_cache(isolated, monkeypatch):
+    spec, arrays = make_tiny(isolated / "envroot" / "tiny")
+    monkeypatch.setenv(data.ENV_VAR, str(isolated / "envroot"))
+    assert data.load(spec, download=False).source == isolated / "envroot" / "tiny"
+    monkeypatch.delenv(data.ENV_VAR)
+    make_tiny(data.cache_dir(spec), seed=0)
+    assert data.cache_dir(spec) == isolated / "cache" / "data" / "tiny"
+    ds = data.load(spec, download=False)
+    assert ds.source == data.cache_dir(spec)
+    assert_same(ds, arrays)
+
+
+def test_explicit_data_dir_is_the_only_place_searched(isolated):
+    spec, _ = make_tiny(isolated / "cache" / "data" / "tiny")  # a complete cache...
+    assert data.load(spec).source == data.cache_dir(spec)
+    (isolated / "empty").mkdir()
+    with pytest.raises(data.DatasetNotFoundError) as err:
+        data.load(spec, isolated / "empty")  # ...is not used when data_dir is given
+    msg = str(err.value)
+    assert str(isolated / "empty") in msg and str(isolated / "empty" / "tiny") in msg
+    assert "train-images-idx3-ubyte.gz" in msg and "no such folder" in msg
+
+
+def test_missing_file_is_named(isolated):
+    spec, _ = make_tiny(isolated / "d")
+    (isolated / "d" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(data.DatasetNotFoundError, match=r"missing t10k-labels-idx1-ubyte\.gz"):
+        data.load(spec, isolated / "d")
+
+
+def test_offline_error_lists_every_place_and_the_fix(isolated):
+    spec, _ = make_tiny(isolated / "elsewhere")
+    spec = replace(spec, mirrors=(f"http://127.0.0.1:{closed_port()}/",))
+    with pytest.raises(data.DatasetNotFoundError) as err:
+        data.load(spec)
+    msg = str(err.value)
+    for expected in (
+        "$BATCHNORM_DATA: not set",
+        str(isolated / "cache" / "data" / "tiny"),
+        "download into",
+        "train-images-idx3-ubyte.gz: ",  # the failed URL
+        "--data-dir",
+        "BATCHNORM_DATA",
+    ):
+        assert expected in msg, (expected, msg)
+    assert not any(p.is_file() for p in (isolated / "cache").rglob("*")), "nothing may be left"
+
+
+def test_no_download_says_so(isolated):
+    spec, _ = make_tiny(isolated / "elsewhere")
+    with pytest.raises(data.DatasetNotFoundError, match="not attempted"):
+        data.load(spec, download=False)
+
+
+# -- damaged files --------------------------------------------------------------------------------
+
+
+def test_truncated_gzip_names_the_file_and_the_fix(isolated):
+    spec, _ = make_tiny(isolated / "d")
+    path = isolated / "d" / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(data.CorruptFileError) as err:
+        data.load(spec, isolated / "d")
+    assert str(path) in str(err.value) and "truncated" in str(err.value)
+    assert "Replace it with a good copy" in str(err.value)
+
+
+def test_corrupted_gzip_names_the_file(isolated):
+    spec, _ = make_tiny(isolated / "d")
+    path = isolated / "d" / "train-images-idx3-ubyte.gz"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(data.CorruptFileError, match=str(path)):
+        data.load(spec, isolated / "d")
+
+
+def test_wrong_content_fails_the_checksum(isolated):
+    spec, _ = make_tiny(isolated / "d")
+    make_tiny(isolated / "other", seed=1)  # well-formed IDX files of other values
+    src = isolated / "other" / "t10k-images-idx3-ubyte.gz"
+    (isolated / "d" / "t10k-images-idx3-ubyte.gz").write_bytes(src.read_bytes())
+    with pytest.raises(data.ChecksumError, match=r"t10k-images-idx3-ubyte\.gz is not the expected"):
+        data.load(spec, isolated / "d")
+
+
+def test_corrupt_file_in_cache_says_delete_it(isolated):
+    spec, _ = make_tiny(isolated / "x")
+    make_tiny(data.cache_dir(spec))
+    path = data.cache_dir(spec) / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(data.CorruptFileError, match="Delete it; the next run downloads it again"):
+        data.load(spec, download=False)
+
+
+def test_image_label_count_mismatch(isolated):
+    spec, arrays = make_tiny(isolated / "d")
+    raw = idx_bytes(arrays["test_labels"][:-1])
+    (isolated / "d" / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(raw))
+    files = dict(
+        spec.files,
+        test_labels=data.FileSpec("t10k-labels-idx1-ubyte.gz", hashlib.md5(raw).hexdigest()),
+    )
+    with pytest.raises(data.CorruptFileError, match=r"holds 10 images but .* holds 9 labels"):
+        data.load(replace(spec, files=files), isolated / "d")
+
+
+def test_label_out_of_range(isolated):
+    spec, _ = make_tiny(isolated / "d")
+    with pytest.raises(data.CorruptFileError, match="out of range for 2 classes"):
+        data.load(replace(spec, classes=("a", "b")), isolated / "d")
+
+
+# -- downloads, from a server on 127.0.0.1 ----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def serve(folder: Path):
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(folder), **k)  # noqa: E731
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.RequestHandlerClass.log_message = lambda *a: None
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_download_verifies_and_fills_the_cache(isolated):
+    spec, arrays = make_tiny(isolated / "mirror")
+    with serve(isolated / "mirror") as url:
+        spec = replace(spec, mirrors=(f"http://127.0.0.1:{closed_port()}/", url))  # first one down
+        ds = data.load(spec)
+    assert ds.source == data.cache_dir(spec)
+    assert_same(ds, arrays)
+    assert sorted(p.name for p in data.cache_dir(spec).iterdir()) == sorted(
+        f.name for f in spec.files.values()
+    )
+
+
+def test_bad_download_leaves_nothing_behind(isolated):
+    spec, _ = make_tiny(isolated / "good")
+    make_tiny(isolated / "mirror", seed=3)  # the mirror serves different content
+    with serve(isolated / "mirror") as url, pytest.raises(data.DatasetNotFoundError) as err:
+        data.load(replace(spec, mirrors=(url,)))
+    assert "expected" in str(err.value) and "discarded" in str(err.value)
+    left = list(data.cache_dir(spec).iterdir()) if data.cache_dir(spec).exists() else []
+    assert left == [], f"a failed download left {left}"
+
+
+# -- the real data sets ---------------------------------------------------------------------------
+
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_real_mnist(data_root, isolated):
+    ds = data.load("mnist", data_root / "mnist", download=False)
+    assert ds.train.images.shape == (60000, 1, 28, 28) and ds.test.images.shape == (
+        10000,
+        1,
+        28,
+        28,
+    )
+    assert ds.train.labels.bincount().tolist() == MNIST_TRAIN_COUNTS
+    assert ds.test.labels.bincount().tolist() == MNIST_TEST_COUNTS
+    assert ds.train.images.float().div(255).mean().item() == pytest.approx(0.1307, abs=1e-4)
+
+
+def test_real_fashion_mnist_via_env_root(data_root, isolated, monkeypatch):
+    monkeypatch.setenv(data.ENV_VAR, str(data_root))  # a root with mnist/ and fashion-mnist/
+    ds = data.load("fashion-mnist", download=False)
+    assert ds.source == data_root / "fashion-mnist"
+    assert ds.train.labels.bincount().tolist() == [6000] * 10
+    assert ds.test.labels.bincount().tolist() == [1000] * 10
+    assert ds.train.images.float().div(255).mean().item() == pytest.approx(0.286, abs=1e-3)
+    assert ds.classes[9] == "Ankle boot"
+
+
+def test_unknown_data_set_name():
+    with pytest.raises(
+        ValueError, match="unknown data set 'cifar11'; choose one of mnist, fashion-mnist"
+    ):
+        data.load("cifar11")
