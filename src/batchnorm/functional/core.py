@@ -13,6 +13,7 @@ refuse to write non-finite batch statistics into them (see :func:`batch_norm_tra
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -156,7 +157,7 @@ def _train(
     tracked = running_mean is not None or running_var is not None
     backend = select_backend(x)
     if backend == "fused" and not torch.compiler.is_compiling():
-        y, mean, var, skipped = kernels.module().train_forward(
+        y, mean, var, skipped = _fused_entry()(
             x,
             weight,
             bias,
@@ -217,6 +218,12 @@ def _train(
             stacklevel=3,
         )
     return BatchStats(y, mean, var)
+
+
+@functools.cache
+def _fused_entry() -> Callable:
+    """The fused kernels' eager entry point (looked up once: this sits on every training step)."""
+    return kernels.module().train_forward
 
 
 @torch.no_grad()

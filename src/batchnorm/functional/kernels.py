@@ -196,6 +196,11 @@ def _register_fake_kernels() -> None:
         return torch.empty_like(x)
 
 
+def loaded() -> bool:
+    """True once the kernels are loaded (never builds; cheap enough for every call)."""
+    return _state["loaded"] is True
+
+
 def module() -> ModuleType:
     """The loaded extension module (its ``train_forward`` is the eager entry point)."""
     if not load():
