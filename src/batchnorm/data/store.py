@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 
 from .._atomic import atomic_path
-from ..functional.kernels import cache_root
+from .._cache import cache_root
 from .idx import IdxError, read_bytes
 from .sources import DatasetSpec, FileSpec
 

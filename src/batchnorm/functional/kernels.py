@@ -37,7 +37,9 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["KernelsUnavailableWarning", "available", "cache_root", "load", "module", "status"]
+from .._cache import cache_root
+
+__all__ = ["KernelsUnavailableWarning", "available", "load", "loaded", "module", "status"]
 
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "batchnorm_cpu.cpp"
 _ABI_VERSION = 2
@@ -47,15 +49,6 @@ _state: dict[str, object] = {"loaded": None, "reason": "", "module": None}
 
 class KernelsUnavailableWarning(UserWarning):
     """The fused CPU kernels could not be loaded; the slower portable path is used instead."""
-
-
-def cache_root() -> Path:
-    """Root of the per-user cache shared by kernels and data sets."""
-    env = os.environ.get("BATCHNORM_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "batchnorm"
 
 
 def _flags() -> list[str]:
