@@ -30,19 +30,12 @@ metrics as an uninterrupted run (timing fields, whose names end in ``_s``, aside
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import csv
-import hashlib
-import io
 import itertools
 import json
 import os
-import platform
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -50,11 +43,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import __version__, data
-from .._atomic import atomic_path, write_text
-from ..functional import kernels
+from .. import data
+from .._atomic import write_text
 from ..nn import BatchNorm1d
 from ..tools import name_layers, recalibrate
+from . import runs
+from .runs import (
+    CHECKPOINT,
+    CheckpointError,
+    DataOrder,
+    RunConfigMismatchError,
+    RunError,
+    load_records,
+)
 
 __all__ = [
     "CHECKPOINT",
@@ -72,10 +73,11 @@ __all__ = [
     "sweep",
 ]
 
-CHECKPOINT = "checkpoint.pt"
 _CHECKPOINT_VERSION = 1
 QUANTILES = (0.15, 0.50, 0.85)
 SENSITIVITY_BATCHES = (5, 20, 100, 500)
+# The 28×28 grayscale sets whose 784 binarized pixels the MLP takes.
+DATASETS = tuple(name for name, spec in data.DATASETS.items() if spec.format == "idx")
 
 
 @dataclass(frozen=True)
@@ -132,25 +134,13 @@ class MnistConfig:
             raise bad(f"probe_unit must be in [0, {self.hidden[-1]}), got {self.probe_unit}")
         if not 0 < self.binarize_threshold <= 255:
             raise bad(f"binarize_threshold must be in 1..255, got {self.binarize_threshold}")
-        if self.dataset not in data.DATASETS:
-            raise bad(f"dataset must be one of {', '.join(data.DATASETS)}, got {self.dataset!r}")
+        if self.dataset not in DATASETS:
+            raise bad(f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["hidden"] = list(self.hidden)
         return d
-
-
-class RunError(ValueError):
-    """A run folder cannot be resumed as it is; the message says why and what to do."""
-
-
-class RunConfigMismatchError(RunError):
-    """A run folder already holds a run with different settings."""
-
-
-class CheckpointError(RunError):
-    """A run's checkpoint cannot be read."""
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -186,30 +176,6 @@ def prepare_data(dataset: data.Dataset, threshold: int = 128) -> MnistData:
     )
 
 
-def _derive_seed(seed: int, *parts: object) -> int:
-    """An independent 63-bit seed for each (seed, purpose, index), stable across Python versions."""
-    h = hashlib.sha256(repr((seed, *parts)).encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
-
-
-class DataOrder:
-    """The training batches, a pure function of ``(seed, step)``: one permutation per epoch."""
-
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.steps_per_epoch = n // batch_size  # the last partial batch of an epoch is dropped
-        self._epoch = -1
-        self._perm = torch.empty(0, dtype=torch.long)
-
-    def indices(self, step: int) -> Tensor:
-        """Indices of the batch used by training step ``step`` (1-based)."""
-        epoch, pos = divmod(step - 1, self.steps_per_epoch)
-        if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(_derive_seed(self.seed, "order", epoch))
-            self._perm, self._epoch = torch.randperm(self.n, generator=gen), epoch
-        return self._perm[pos * self.batch_size : (pos + 1) * self.batch_size]
-
-
 # -- models -------------------------------------------------------------------------------------
 
 
@@ -221,7 +187,7 @@ def build_mlp(
     The weights are drawn from N(0, init_std²) by a generator seeded from ``cfg.seed`` in the same
     order for both variants, so the two networks start from identical weight matrices.
     """
-    gen = torch.Generator().manual_seed(_derive_seed(cfg.seed, "init"))
+    gen = torch.Generator().manual_seed(runs.derive_seed(cfg.seed, "init"))
     layers: list[nn.Module] = []
     width = in_features
     for h in cfg.hidden:
@@ -268,115 +234,6 @@ def run_name(cfg: MnistConfig) -> str:
     return f"lr{cfg.lr:g}_std{cfg.init_std:g}_eps{cfg.eps:g}_seed{cfg.seed}"
 
 
-def _versions() -> dict[str, str]:
-    import numpy
-
-    return {
-        "batchnorm": __version__,
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def _git_revision() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
-        )
-        if rev.returncode != 0:
-            return "unknown (not a git checkout)"
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        return rev.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (git not available)"
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _session_env(cfg: MnistConfig, resumed_from: int, source: str) -> dict:
-    return {
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "resumed_from_step": resumed_from,
-        "seed": cfg.seed,
-        "versions": _versions(),
-        "git_revision": _git_revision(),
-        "command": sys.argv,
-        "platform": platform.platform(),
-        "cpu": _cpu(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "bn_kernels": kernels.status(),
-        "data_source": source,
-    }
-
-
-def _check_or_write_config(run_dir: Path, cfg: MnistConfig) -> None:
-    path = run_dir / "config.json"
-    if path.exists():
-        try:
-            saved = json.loads(path.read_text())["config"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise RunConfigMismatchError(
-                f"{path} is not a config this program wrote ({exc}); use another --out folder"
-            ) from exc
-        mine = cfg.to_dict()
-        diff = [
-            f"{k}: saved {saved.get(k)!r}, now {mine.get(k)!r}"
-            for k in sorted(set(saved) | set(mine))
-            if saved.get(k) != mine.get(k)
-        ]
-        if diff:
-            raise RunConfigMismatchError(
-                f"{run_dir} already holds a run with different settings ({'; '.join(diff)}). "
-                "Run with the same settings to resume it, or choose another --out folder."
-            )
-        return
-    write_text(
-        path, json.dumps({"config": cfg.to_dict(), "versions": _versions()}, indent=2) + "\n"
-    )
-
-
-def _save_checkpoint(path: Path, state: dict) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
-
-
-def load_records(run_dir: Path) -> list[dict]:
-    """The metrics of a run, one dict per evaluation, from ``metrics.jsonl``."""
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _write_metrics(run_dir: Path, records: list[dict]) -> None:
-    write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    scalar_keys = [k for k in records[0] if not isinstance(records[0][k], list)]
-    for r in records[1:]:
-        scalar_keys += [k for k in r if k not in scalar_keys and not isinstance(r[k], list)]
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=scalar_keys, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(records)
-    write_text(run_dir / "metrics.csv", out.getvalue())
-
-
 @dataclass
 class _Net:
     name: str
@@ -403,7 +260,7 @@ def _percentiles(model: nn.Sequential, x: Tensor) -> list[list[float]]:
 
 def _population_batches(cfg: MnistConfig, d: MnistData, key: tuple, k: int) -> list[Tensor]:
     """``k`` random training batches (without repeats), drawn by a generator seeded by ``key``."""
-    gen = torch.Generator().manual_seed(_derive_seed(cfg.seed, *key))
+    gen = torch.Generator().manual_seed(runs.derive_seed(cfg.seed, *key))
     idx = torch.randperm(len(d.x_train), generator=gen)[: k * cfg.batch_size]
     return list(d.x_train[idx].split(cfg.batch_size))
 
@@ -486,44 +343,8 @@ def run(
             f"population_batches × batch_size = {cfg.population_batches * cfg.batch_size} exceeds "
             f"the {len(d.x_train)} training images"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(run_dir):
-        _check_or_write_config(run_dir, cfg)
-        # A run killed hard (SIGKILL, power loss) in the middle of an atomic write leaves its
-        # temporary file behind; the lock guarantees no other process is writing one now.
-        for part in run_dir.glob(".*.part"):
-            part.unlink()
-        threads = torch.get_num_threads()
-        torch.set_num_threads(cfg.threads)
-        try:
-            return _run(cfg, run_dir, d, progress, echo)
-        finally:
-            torch.set_num_threads(threads)
-
-
-@contextlib.contextmanager
-def _exclusive(run_dir: Path) -> Iterator[None]:
-    """Hold an advisory lock on the run folder: two processes must not train the same run.
-
-    The operating system drops the lock when the process dies, however it dies.
-    """
-    try:
-        import fcntl
-    except ImportError:  # not on POSIX: no lock, and the user must not start a run twice
-        yield
-        return
-    with open(run_dir / ".lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunError(
-                f"{run_dir} is in use by another process running the same settings; wait for it "
-                "to finish, or stop it and run the command again to resume"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with runs.open_run(run_dir, cfg.to_dict(), threads=cfg.threads):
+        return _run(cfg, run_dir, d, progress, echo)
 
 
 def _run(
@@ -538,20 +359,8 @@ def _run(
     ckpt_path = run_dir / CHECKPOINT
     records: list[dict] = []
     start_step = 0
-    if ckpt_path.exists():
-        try:
-            state = torch.load(ckpt_path, weights_only=True)
-        except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
-            raise CheckpointError(
-                f"{ckpt_path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}). Checkpoints "
-                "are written atomically, so the file was damaged afterwards. Delete it to start "
-                "this run again from step 0 (its metrics will be rewritten), or use another --out."
-            ) from exc
-        if not isinstance(state, dict) or state.get("version") != _CHECKPOINT_VERSION:
-            raise CheckpointError(
-                f"{ckpt_path} is not a checkpoint of this program (version "
-                f"{state.get('version') if isinstance(state, dict) else None!r}); use another --out"
-            )
+    state = runs.load_checkpoint(ckpt_path, _CHECKPOINT_VERSION)
+    if state is not None:
         for net in (plain, bn):
             net.model.load_state_dict(state["models"][net.name])
             net.opt.load_state_dict(state["optimizers"][net.name])
@@ -559,42 +368,23 @@ def _run(
         torch.set_rng_state(state["rng_torch"])
         records = state["metrics"]
         start_step = state["step"]
-        _write_metrics(run_dir, records)  # metrics written after the checkpoint may be newer
+        runs.write_metrics(run_dir, records)  # metrics written after the checkpoint may be newer
     if start_step >= cfg.steps:
         echo(f"{run_dir}: already complete ({cfg.steps} steps)")
         _write_sensitivity(run_dir, cfg, d, bn.model)
         return run_dir
-    env_path = run_dir / "env.json"
-    sessions = json.loads(env_path.read_text())["sessions"] if env_path.exists() else []
-    sessions.append(_session_env(cfg, start_step, d.source))
-    write_text(env_path, json.dumps({"sessions": sessions}, indent=2) + "\n")
+    runs.start_session(run_dir, seed=cfg.seed, resumed_from=start_step, source=d.source)
     if start_step:
         echo(f"{run_dir}: resuming at step {start_step} of {cfg.steps}")
 
-    from torch.utils.tensorboard import SummaryWriter
-
-    tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+    tb = runs.tensorboard(run_dir, start_step)
     order = DataOrder(len(d.x_train), cfg.batch_size, cfg.seed)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=cfg.steps,
-            initial=start_step,
-            unit="step",
-            desc=run_name(cfg),
-            dynamic_ncols=True,
-            mininterval=0.5,
-        )
+    bar = runs.progress_bar(cfg.steps, start_step, run_name(cfg)) if progress else None
 
     def checkpoint(step: int, rec: dict) -> None:
         records.append(rec)
-        for key, value in rec.items():
-            if isinstance(value, (int, float)) and key not in ("step",):
-                tb.add_scalar(key, value, step)
-        tb.flush()
-        _save_checkpoint(
+        runs.log_scalars(tb, rec, step)
+        runs.save_checkpoint(
             ckpt_path,
             {
                 "version": _CHECKPOINT_VERSION,
@@ -606,7 +396,7 @@ def _run(
                 "metrics": records,
             },
         )
-        _write_metrics(run_dir, records)
+        runs.write_metrics(run_dir, records)
 
     try:
         if start_step == 0:

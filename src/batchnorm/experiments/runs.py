@@ -1,0 +1,368 @@
+"""Run folders: what every experiment of :mod:`batchnorm.experiments` writes, checks and resumes.
+
+A run folder holds one training run (one setting, one seed):
+
+- ``config.json``: ``{"config": ..., "versions": ...}``, written once. A later run in the same
+  folder must have the same config (:func:`open_run` refuses anything else, naming each difference)
+  and then resumes.
+- ``env.json``: ``{"sessions": [...]}``, one entry per session (start, resumed-from step, library
+  versions, git revision, command, CPU, threads, kernel status, data source).
+- ``metrics.jsonl`` (one JSON object per evaluation) and ``metrics.csv`` (its scalar columns),
+  rewritten atomically after every evaluation; plots and reports are drawn from these alone.
+- ``checkpoint.pt``: written atomically after every evaluation, read back with
+  ``torch.load(..., weights_only=True)``; it holds the metrics so far, so a checkpoint and its
+  metrics never disagree.
+- ``tb/``: TensorBoard events of every numeric metric.
+- ``.lock``: an advisory lock held while a process trains the run (:func:`open_run`).
+
+Data order and randomness: :class:`DataOrder` makes the *global* mini-batch of every step a pure
+function of ``(seed, step)``, and :func:`derive_seed` gives independent seeds for every other
+random choice, so a resumed run repeats exactly what an uninterrupted one does, and a
+data-parallel run can take its rank's slice of the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .. import __version__
+from .._atomic import atomic_path, write_text
+from ..functional import kernels
+
+__all__ = [
+    "CHECKPOINT",
+    "CheckpointError",
+    "DataOrder",
+    "RunConfigMismatchError",
+    "RunError",
+    "derive_seed",
+    "load_checkpoint",
+    "load_records",
+    "log_scalars",
+    "open_run",
+    "progress_bar",
+    "save_checkpoint",
+    "start_session",
+    "tensorboard",
+    "versions",
+    "write_metrics",
+]
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class RunError(ValueError):
+    """A run folder cannot be resumed as it is; the message says why and what to do."""
+
+
+class RunConfigMismatchError(RunError):
+    """A run folder already holds a run with different settings."""
+
+
+class CheckpointError(RunError):
+    """A run's checkpoint cannot be read."""
+
+
+# -- randomness -----------------------------------------------------------------------------------
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """An independent 63-bit seed for each (seed, purpose, index), stable across Python versions."""
+    h = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+Shuffle = Literal["examples", "batches"]
+
+
+class DataOrder:
+    """The training batches, a pure function of ``(seed, step)``.
+
+    ``indices(step)`` is the *global* mini-batch of a step: a data-parallel run gives each rank a
+    slice of it, so the examples seen per step do not depend on the number of processes. The last
+    partial batch of an epoch is dropped (``steps_per_epoch = n // batch_size``).
+
+    ``shuffle`` says how thoroughly:
+
+    - ``"examples"``: a fresh permutation of all examples every epoch, so the mini-batches change
+      composition from epoch to epoch.
+    - ``"batches"``: the examples are cut into mini-batches once (one permutation per seed), and
+      each epoch only reorders these fixed batches: the same examples always meet in a batch.
+      This is what "shuffle training examples more thoroughly" (arXiv:1502.03167 Sec. 4.2.1,
+      "which prevents the same examples from always appearing in a mini-batch together")
+      improves on; it matters for BN, whose output for an example depends on its batch mates.
+    """
+
+    def __init__(
+        self, n: int, batch_size: int, seed: int, *, shuffle: Shuffle = "examples"
+    ) -> None:
+        if shuffle not in ("examples", "batches"):
+            raise ValueError(f"shuffle must be 'examples' or 'batches', got {shuffle!r}")
+        if not 0 < batch_size <= n:
+            raise ValueError(
+                f"batch_size must be in 1..{n} (the number of examples), got {batch_size}"
+            )
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.steps_per_epoch = n // batch_size
+        self._epoch = -1
+        self._perm = torch.empty(0, dtype=torch.long)
+        if shuffle == "batches":
+            gen = torch.Generator().manual_seed(derive_seed(seed, "batches"))
+            self._fixed = torch.randperm(n, generator=gen)[: self.steps_per_epoch * batch_size]
+            self._fixed = self._fixed.view(self.steps_per_epoch, batch_size)
+
+    def indices(self, step: int) -> Tensor:
+        """Indices of the global batch used by training step ``step`` (1-based)."""
+        if step < 1:
+            raise ValueError(f"steps count from 1, got {step}")
+        epoch, pos = divmod(step - 1, self.steps_per_epoch)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch))
+            size = self.n if self.shuffle == "examples" else self.steps_per_epoch
+            self._perm, self._epoch = torch.randperm(size, generator=gen), epoch
+        if self.shuffle == "batches":
+            return self._fixed[self._perm[pos]]
+        return self._perm[pos * self.batch_size : (pos + 1) * self.batch_size]
+
+
+# -- environment ----------------------------------------------------------------------------------
+
+
+def versions() -> dict[str, str]:
+    import numpy
+
+    return {
+        "batchnorm": __version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _git_revision() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+        )
+        if rev.returncode != 0:
+            return "unknown (not a git checkout)"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return rev.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (git not available)"
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def start_session(run_dir: Path, *, seed: int, resumed_from: int, source: str) -> None:
+    """Append this session (versions, git revision, command, CPU, threads, …) to ``env.json``."""
+    session = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "resumed_from_step": resumed_from,
+        "seed": seed,
+        "versions": versions(),
+        "git_revision": _git_revision(),
+        "command": sys.argv,
+        "platform": platform.platform(),
+        "cpu": _cpu(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "bn_kernels": kernels.status(),
+        "data_source": source,
+    }
+    path = run_dir / "env.json"
+    sessions = json.loads(path.read_text())["sessions"] if path.exists() else []
+    sessions.append(session)
+    write_text(path, json.dumps({"sessions": sessions}, indent=2) + "\n")
+
+
+# -- the run folder -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def open_run(run_dir: str | os.PathLike, config: Mapping, *, threads: int) -> Iterator[Path]:
+    """Claim ``run_dir`` for this process and check (or write) its ``config.json``.
+
+    Creates the folder, takes its lock (:class:`RunError` if another process trains it), refuses a
+    folder whose saved config differs from ``config`` (:class:`RunConfigMismatchError`, listing
+    every difference; nothing is written), removes temporary files that a hard kill left behind,
+    and runs the body with ``threads`` intra-op threads (restored afterwards).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(run_dir):
+        _check_or_write_config(run_dir, dict(config))
+        # A run killed hard (SIGKILL, power loss) in the middle of an atomic write leaves its
+        # temporary file behind; the lock guarantees no other process is writing one now.
+        for part in run_dir.glob(".*.part"):
+            part.unlink()
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            yield run_dir
+        finally:
+            torch.set_num_threads(old)
+
+
+@contextlib.contextmanager
+def _exclusive(run_dir: Path) -> Iterator[None]:
+    """Hold an advisory lock on the run folder: two processes must not train the same run.
+
+    The operating system drops the lock when the process dies, however it dies.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock, and the user must not start a run twice
+        yield
+        return
+    with open(run_dir / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(
+                f"{run_dir} is in use by another process running the same settings; wait for it "
+                "to finish, or stop it and run the command again to resume"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _check_or_write_config(run_dir: Path, config: dict) -> None:
+    path = run_dir / "config.json"
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())["config"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise RunConfigMismatchError(
+                f"{path} is not a config this program wrote ({exc}); use another --out folder"
+            ) from exc
+        diff = [
+            f"{k}: saved {saved.get(k)!r}, now {config.get(k)!r}"
+            for k in sorted(set(saved) | set(config))
+            if saved.get(k) != config.get(k)
+        ]
+        if diff:
+            raise RunConfigMismatchError(
+                f"{run_dir} already holds a run with different settings ({'; '.join(diff)}). "
+                "Run with the same settings to resume it, or choose another --out folder."
+            )
+        return
+    write_text(path, json.dumps({"config": config, "versions": versions()}, indent=2) + "\n")
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """``torch.save(state)`` atomically: the old checkpoint stays until the new one is complete."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+
+
+def load_checkpoint(path: Path, version: int) -> dict | None:
+    """The checkpoint at ``path`` (``None`` if there is none), loaded with ``weights_only=True``.
+
+    Raises :class:`CheckpointError` for a file that cannot be read or that another program (or
+    another ``version`` of this one) wrote, and says what to do; it never deletes anything.
+    """
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+        raise CheckpointError(
+            f"{path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}). Checkpoints "
+            "are written atomically, so the file was damaged afterwards. Delete it to start "
+            "this run again from step 0 (its metrics will be rewritten), or use another --out."
+        ) from exc
+    if not isinstance(state, dict) or state.get("version") != version:
+        raise CheckpointError(
+            f"{path} is not a checkpoint of this program (version "
+            f"{state.get('version') if isinstance(state, dict) else None!r}); use another --out"
+        )
+    return state
+
+
+# -- metrics --------------------------------------------------------------------------------------
+
+
+def load_records(run_dir: str | os.PathLike) -> list[dict]:
+    """The metrics of a run, one dict per evaluation, from ``metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_metrics(run_dir: Path, records: list[dict]) -> None:
+    """``metrics.jsonl`` (every field) and ``metrics.csv`` (the scalar ones), atomically."""
+    write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    scalar_keys = [k for k in records[0] if not isinstance(records[0][k], list)]
+    for r in records[1:]:
+        scalar_keys += [k for k in r if k not in scalar_keys and not isinstance(r[k], list)]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=scalar_keys, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    write_text(run_dir / "metrics.csv", out.getvalue())
+
+
+def tensorboard(run_dir: Path, start_step: int):
+    """A TensorBoard writer for ``run_dir/tb``; a resumed run purges events after its checkpoint."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+
+
+def log_scalars(tb, record: Mapping, step: int) -> None:
+    """Every numeric field of ``record`` (but ``step``) as a TensorBoard scalar, then flush."""
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+            tb.add_scalar(key, value, step)
+    tb.flush()
+
+
+def progress_bar(total: int, initial: int, desc: str):
+    """The progress bar of a run (tqdm: steps, rate and ETA)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="step",
+        desc=desc,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
