@@ -1,15 +1,22 @@
-"""batchnorm.data: the IDX reader, where files are found, verification, downloads, clear errors.
+"""batchnorm.data: the IDX and CIFAR-10 readers, where files are found, verification, downloads,
+clear errors.
 
 Error paths use small IDX files written byte by byte here (struct, not the library's code); the real
-MNIST and Fashion-MNIST files (shared/data) check the loader on the data it exists for.
+MNIST and Fashion-MNIST files (shared/data) check the loader on the data it exists for. CIFAR-10 is
+not available here: its reader is tested on small batch files written the way Python 2's cPickle
+wrote the real ones, and on an archive laid out like cifar-10-python.tar.gz.
 """
 
 import contextlib
 import gzip
 import hashlib
 import http.server
+import io
+import os
+import pickle
 import socket
 import struct
+import tarfile
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchnorm import data
+from batchnorm.data.cifar import CifarError, parse_batch, parse_meta
 from batchnorm.data.idx import IdxError, parse_idx
 
 
@@ -345,3 +353,229 @@ def test_unknown_data_set_name():
         ValueError, match="unknown data set 'cifar11'; choose one of mnist, fashion-mnist"
     ):
         data.load("cifar11")
+
+
+# -- CIFAR-10 (python pickles), on small generated files ------------------------------------------
+
+
+class Py2Pickler(pickle._Pickler):
+    """Writes what Python 2's cPickle wrote at protocol 2 for the CIFAR-10 batches: byte strings
+    as Python 2 ``str`` (SHORT_BINSTRING/BINSTRING), numpy's globals under their numpy 1 names."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_bytes(self, obj):
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_bytes
+
+    def save_global(self, obj, name=None):
+        module = obj.__module__.replace("numpy._core", "numpy.core")
+        self.write(pickle.GLOBAL + f"{module}\n{obj.__qualname__}\n".encode())
+        self.memoize(obj)
+
+
+def py2_pickle(obj) -> bytes:
+    out = io.BytesIO()
+    Py2Pickler(out, protocol=2).dump(obj)
+    return out.getvalue()
+
+
+CIFAR_CLASSES = [c.encode() for c in data.CIFAR10.classes]
+
+
+def cifar_batch(n: int, seed: int, *, label_max: int = 10) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """A batch file's bytes, and the images (N, 3, 32, 32) and labels it must read back as."""
+    rng = np.random.default_rng(seed)
+    planes = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    labels = rng.integers(0, label_max, n)
+    rows = np.stack([np.concatenate([p[0].ravel(), p[1].ravel(), p[2].ravel()]) for p in planes])
+    content = py2_pickle(
+        {
+            b"batch_label": b"training batch 1 of 5",
+            b"labels": [int(v) for v in labels],
+            b"data": rows,
+            b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+        }
+    )
+    return content, planes, labels
+
+
+def make_tiny_cifar(folder: Path, *, n=4, seed=0):
+    """A CIFAR-10-shaped data set of 5×n training and n test images in ``folder``; (spec, arrays)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files, train_x, train_y = {}, [], []
+    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        content, x, y = cifar_batch(n, seed * 10 + i)
+        (folder / name).write_bytes(content)
+        files[name] = data.FileSpec(name, hashlib.md5(content).hexdigest())
+        if name == "test_batch":
+            test = (x, y)
+        else:
+            train_x.append(x)
+            train_y.append(y)
+    meta = py2_pickle({b"label_names": CIFAR_CLASSES, b"num_cases_per_batch": n, b"num_vis": 3072})
+    (folder / "batches.meta").write_bytes(meta)
+    files["batches.meta"] = data.FileSpec("batches.meta", hashlib.md5(meta).hexdigest())
+    spec = replace(data.CIFAR10, name="tiny-cifar", files=files, mirrors=())
+    return spec, {"train": (np.concatenate(train_x), np.concatenate(train_y)), "test": test}
+
+
+def assert_same_cifar(ds: data.Dataset, arrays: dict) -> None:
+    for split, (x, y) in (("train", arrays["train"]), ("test", arrays["test"])):
+        got = getattr(ds, split)
+        assert got.images.dtype == torch.uint8 and got.images.shape == (len(x), 3, 32, 32)
+        np.testing.assert_array_equal(got.images.numpy(), x)
+        np.testing.assert_array_equal(got.labels.numpy(), y)
+    assert ds.classes == data.CIFAR10.classes
+
+
+def test_cifar_batch_reads_rows_as_red_green_blue_planes():
+    content, planes, labels = cifar_batch(3, seed=1)
+    x, y = parse_batch(content)
+    assert x.shape == (3, 3, 32, 32) and x.dtype == np.uint8 and y.dtype == np.int64
+    np.testing.assert_array_equal(x, planes)  # channel 0 = the first 1,024 values of a row, ...
+    np.testing.assert_array_equal(y, labels)
+    assert parse_meta(py2_pickle({b"label_names": CIFAR_CLASSES})) == data.CIFAR10.classes
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_cifar_batch_written_by_python3_is_read_too(protocol):
+    rows = np.arange(2 * 3072, dtype=np.int64).astype(np.uint8).reshape(2, 3072)
+    x, y = parse_batch(pickle.dumps({"data": rows, "labels": [3, 7]}, protocol=protocol))
+    np.testing.assert_array_equal(x.reshape(2, -1), rows)
+    assert y.tolist() == [3, 7]
+
+
+def test_cifar_pickle_that_calls_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    content = pickle.dumps({"data": Evil(), "labels": []}, protocol=2)
+    with pytest.raises(CifarError, match=r"evil_batch .* refers to (posix|nt)\.mkdir.*refused"):
+        parse_batch(content, "evil_batch")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("obj", "message"),
+    [
+        ([1, 2], "holds a list, not a CIFAR-10 dict"),
+        ({"labels": [1]}, "has no 'data' entry"),
+        ({"data": np.zeros((2, 3072), np.float32), "labels": [0, 1]}, "must be a uint8 array"),
+        ({"data": np.zeros((2, 1024), np.uint8), "labels": [0, 1]}, "must hold 3072 values"),
+        ({"data": np.zeros((2, 3072), np.uint8), "labels": [0]}, "2 images but 1 labels"),
+        ({"data": np.zeros((1, 3072), np.uint8), "labels": ["cat"]}, "not a list of integers"),
+    ],
+)
+def test_cifar_batch_that_is_not_one_says_why(obj, message):
+    with pytest.raises(CifarError, match=message):
+        parse_batch(pickle.dumps(obj, protocol=2), "batch")
+
+
+def test_cifar_truncated_pickle_names_the_file():
+    content, _, _ = cifar_batch(2, seed=0)
+    with pytest.raises(CifarError, match="data_batch_3 is not a readable pickle"):
+        parse_batch(content[:-100], "data_batch_3")
+
+
+def test_cifar_load_from_data_dir_and_its_archive_folder(isolated):
+    spec, arrays = make_tiny_cifar(isolated / "root" / "cifar-10-batches-py")
+    ds = data.load(spec, isolated / "root")  # found in the folder the archive unpacks to
+    assert ds.source == isolated / "root" / "cifar-10-batches-py"
+    assert_same_cifar(ds, arrays)
+    assert len(ds.train) == 20 and len(ds.test) == 4
+
+
+def rewrite(folder: Path, spec, name: str, content: bytes):
+    """Replace one file and give the spec its md5: content that passes the checksum."""
+    (folder / name).write_bytes(content)
+    return replace(
+        spec,
+        files=dict(spec.files, **{name: data.FileSpec(name, hashlib.md5(content).hexdigest())}),
+    )
+
+
+def test_cifar_wrong_class_names_are_refused(isolated):
+    spec, _ = make_tiny_cifar(isolated / "d")
+    meta = py2_pickle({b"label_names": [*CIFAR_CLASSES[:9], b"lorry"]})
+    spec = rewrite(isolated / "d", spec, "batches.meta", meta)
+    with pytest.raises(data.CorruptFileError, match=r"batches\.meta names the classes"):
+        data.load(spec, isolated / "d")
+
+
+def test_cifar_label_out_of_range_is_refused(isolated):
+    spec, _ = make_tiny_cifar(isolated / "d")
+    rows = np.zeros((2, 3072), np.uint8)
+    spec = rewrite(
+        isolated / "d", spec, "test_batch", py2_pickle({b"data": rows, b"labels": [3, 10]})
+    )
+    with pytest.raises(data.CorruptFileError, match="test_batch: a label is out of range for 10"):
+        data.load(spec, isolated / "d")
+
+
+def test_cifar_changed_file_fails_its_checksum(isolated):
+    spec, _ = make_tiny_cifar(isolated / "d")
+    other, _, _ = cifar_batch(4, seed=99)
+    (isolated / "d" / "data_batch_2").write_bytes(other)
+    with pytest.raises(data.ChecksumError, match="data_batch_2 is not the expected file"):
+        data.load(spec, isolated / "d")
+
+
+def cifar_archive(folder: Path, files_from: Path, name="cifar-10-python.tar.gz") -> str:
+    """Pack ``files_from`` as cifar-10-batches-py/... into ``folder/name``; return its md5."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(folder / name, "w:gz") as tar:
+        for p in sorted(files_from.iterdir()):
+            tar.add(p, arcname=f"cifar-10-batches-py/{p.name}")
+    return hashlib.md5((folder / name).read_bytes()).hexdigest()
+
+
+def test_cifar_download_checks_the_archive_and_extracts_each_file(isolated):
+    spec, arrays = make_tiny_cifar(isolated / "files")
+    md5 = cifar_archive(isolated / "mirror", isolated / "files")
+    with serve(isolated / "mirror") as url:
+        spec = replace(
+            spec,
+            mirrors=(f"http://127.0.0.1:{closed_port()}/", url),  # the first one is down
+            archive=replace(spec.archive, md5=md5),
+        )
+        ds = data.load(spec)
+    assert ds.source == data.cache_dir(spec)
+    assert_same_cifar(ds, arrays)
+    # the files, and nothing else: the archive is deleted once they are out
+    assert sorted(p.name for p in data.cache_dir(spec).iterdir()) == sorted(spec.files)
+
+
+def test_cifar_bad_archive_leaves_nothing_behind(isolated):
+    spec, _ = make_tiny_cifar(isolated / "files")
+    md5 = cifar_archive(isolated / "mirror", isolated / "files")
+    with serve(isolated / "mirror") as url:
+        wrong = replace(spec, mirrors=(url,), archive=replace(spec.archive, md5="0" * 32))
+        with pytest.raises(data.DatasetNotFoundError, match=r"expected 0{32}; discarded"):
+            data.load(wrong)
+        # the right archive, but one of its files is not the one the spec names
+        files = dict(spec.files, test_batch=data.FileSpec("test_batch", "f" * 32))
+        changed = replace(spec, files=files, mirrors=(url,), archive=replace(spec.archive, md5=md5))
+        with pytest.raises(data.DatasetNotFoundError, match="test_batch in the archive has md5"):
+            data.load(changed)
+    left = list(data.cache_dir(spec).iterdir()) if data.cache_dir(spec).exists() else []
+    # files extracted before the bad one were verified and may stay; no archive, no partial file
+    assert all(p.name in spec.files and not p.name.startswith(".") for p in left), left
+
+
+def test_real_cifar10_spec_not_found_says_how_to_get_it(isolated):
+    with pytest.raises(data.DatasetNotFoundError) as err:
+        data.load("cifar10", download=False)
+    msg = str(err.value)
+    assert "cifar10: data set not found" in msg and str(data.cache_dir(data.CIFAR10)) in msg
+    assert "unpack cifar-10-python.tar.gz: they are in its cifar-10-batches-py/ folder" in msg
+    assert data.CIFAR10.archive.md5 == "c58f30108f718f92721af3b95e74349a"
+    assert len(data.CIFAR10.files) == 7

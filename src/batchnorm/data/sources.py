@@ -10,16 +10,29 @@ Fashion-MNIST the decompressed upstream files (the same values are published alo
 ``.gz`` md5s). Beyond the md5, loading checks the IDX header, that image and label counts agree and
 that every label names a class.
 
-A new data set format (e.g. CIFAR-10's python pickles, for the convnet study) adds a spec with its
-own ``format`` and a reader in :mod:`batchnorm.data`; locating, verifying and downloading files are
-shared.
+CIFAR-10 (the "python version": five pickled training batches, one test batch and a meta file,
+uncompressed) is identified the same way, by each file's md5 (the values every loader lists, e.g.
+torchvision's). It is distributed as one archive, ``cifar-10-python.tar.gz``, whose own md5 is
+checked before its files are extracted (:class:`ArchiveSpec`). Beyond the md5, reading checks the
+pickles' structure: uint8 rows of 3,072 values, as many labels as rows, every label a class.
+
+A new data set format adds a spec with its own ``format`` and a reader in :mod:`batchnorm.data`;
+locating, verifying and downloading files are shared.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DATASETS", "FASHION_MNIST", "MNIST", "DatasetSpec", "FileSpec"]
+__all__ = [
+    "CIFAR10",
+    "DATASETS",
+    "FASHION_MNIST",
+    "MNIST",
+    "ArchiveSpec",
+    "DatasetSpec",
+    "FileSpec",
+]
 
 
 @dataclass(frozen=True)
@@ -38,6 +51,15 @@ class FileSpec:
 
 
 @dataclass(frozen=True)
+class ArchiveSpec:
+    """A data set downloaded as one ``.tar.gz``: its files are the members ``folder/<name>``."""
+
+    name: str  # e.g. "cifar-10-python.tar.gz"; its URL is a mirror + name
+    md5: str  # md5 of the archive file itself
+    folder: str  # the folder inside the archive that holds the files
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     """A data set: ``files`` maps a role (``train_images`` …) to a :class:`FileSpec`."""
 
@@ -46,7 +68,9 @@ class DatasetSpec:
     classes: tuple[str, ...]
     mirrors: tuple[str, ...] = ()  # base URLs; a file's URL is base + name
     system_dirs: tuple[str, ...] = ()  # where OS packages install a copy
-    format: str = "idx"
+    format: str = "idx"  # "idx" (MNIST, Fashion-MNIST) or "cifar" (CIFAR-10's python pickles)
+    archive: ArchiveSpec | None = None  # downloaded as one archive instead of file by file
+    aliases: tuple[str, ...] = ()  # other names of its folder under a data root
 
 
 _IDX_ROLES = ("train_images", "train_labels", "test_images", "test_labels")
@@ -105,4 +129,38 @@ FASHION_MNIST = DatasetSpec(
     system_dirs=("/usr/share/datasets/fashion-mnist",),  # Debian's dataset-fashion-mnist
 )
 
-DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (MNIST, FASHION_MNIST)}
+CIFAR10 = DatasetSpec(
+    name="cifar10",
+    files={
+        name: FileSpec(name, md5)
+        for name, md5 in (
+            ("data_batch_1", "c99cafc152244af753f735de768cd75f"),
+            ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
+            ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"),
+            ("data_batch_4", "634d18415352ddfa80567beed471001a"),
+            ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb"),
+            ("test_batch", "40351d587109b95175f43aff81a1287e"),
+            ("batches.meta", "5ff9c542aee3614f3951f8cda6e48888"),
+        )
+    },
+    classes=(
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ),
+    mirrors=("https://www.cs.toronto.edu/~kriz/",),
+    format="cifar",
+    archive=ArchiveSpec(
+        "cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py"
+    ),
+    aliases=("cifar-10-batches-py",),  # the folder the archive unpacks to
+)
+
+DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (MNIST, FASHION_MNIST, CIFAR10)}

@@ -11,11 +11,14 @@ Where :func:`locate` looks, in order (the first folder holding every file wins):
 5. a download from the data set's mirrors into the cache, if ``download`` is true.
 
 A folder given in 1 or 2 may hold the files itself or in a subfolder named after the data set
-(``$BATCHNORM_DATA/mnist/``), so one root can serve several data sets.
+(``$BATCHNORM_DATA/mnist/``; CIFAR-10 also in ``cifar-10-batches-py/``, the folder its archive
+unpacks to), so one root can serve several data sets.
 
 Downloads are atomic: each file is written to a temporary file next to its destination, its content
 md5 is verified, and only then is it renamed into place; a failed or interrupted download leaves
-nothing behind. Without network, the error lists every place that was searched and how to fix it.
+nothing behind. A data set distributed as one archive (CIFAR-10) is downloaded to a temporary file,
+the archive's md5 is verified, and its files are extracted the same way, one by one; the archive is
+deleted afterwards. Without network, the error lists every place that was searched and how to fix it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -32,7 +36,7 @@ from pathlib import Path
 from .._atomic import atomic_path
 from .._cache import cache_root
 from .idx import IdxError, read_bytes
-from .sources import DatasetSpec, FileSpec
+from .sources import ArchiveSpec, DatasetSpec, FileSpec
 
 __all__ = [
     "ENV_VAR",
@@ -90,13 +94,18 @@ def _describe(folder: Path, spec: DatasetSpec) -> str:
 
 
 def _roots(folder: Path, spec: DatasetSpec) -> list[Path]:
-    return [folder, folder / spec.name]
+    return [folder, folder / spec.name, *(folder / a for a in spec.aliases)]
 
 
 def _fix(spec: DatasetSpec) -> str:
     names = ", ".join(f.name for f in spec.files.values())
+    unpack = (
+        f" (unpack {spec.archive.name}: they are in its {spec.archive.folder}/ folder)"
+        if spec.archive
+        else ""
+    )
     return (
-        f"To fix: put the files ({names}) in a folder and pass it with --data-dir (or "
+        f"To fix: put the files ({names}){unpack} in a folder and pass it with --data-dir (or "
         f"data_dir=...), or set {ENV_VAR} to it (or to a folder with a '{spec.name}/' subfolder), "
         f"or copy them into {cache_dir(spec)}; with network access they are downloaded there "
         "automatically."
@@ -179,6 +188,21 @@ def fetch(spec: DatasetSpec, *, timeout: float = _TIMEOUT_S) -> Path:
     folder = cache_dir(spec)
     _remove_stale_parts(folder)
     errors: list[str] = []
+    if spec.archive is not None:
+        missing = [f for f in spec.files.values() if _find(folder, f) is None]
+        if not missing:
+            return folder
+        for mirror in spec.mirrors:
+            url = mirror + spec.archive.name
+            try:
+                _fetch_archive(url, folder, spec.archive, missing, timeout)
+                return folder
+            except (urllib.error.URLError, OSError, DataError, tarfile.TarError) as exc:
+                reason = getattr(exc, "reason", None) or exc
+                errors.append(f"      {url}: {reason}")
+        if not spec.mirrors:
+            errors.append(f"      {spec.archive.name}: no mirror is known for {spec.name}")
+        raise DatasetNotFoundError("\n".join(errors))
     for f in spec.files.values():
         if _find(folder, f) is not None:
             continue
@@ -221,3 +245,42 @@ def _fetch_file(url: str, dest: Path, f: FileSpec, timeout: float) -> None:
             raise ChecksumError(
                 f"the download's content has md5 {md5}, expected {f.content_md5}; discarded"
             )
+
+
+def _fetch_archive(
+    url: str, folder: Path, archive: ArchiveSpec, files: list[FileSpec], timeout: float
+) -> None:
+    """Download ``url`` (a .tar.gz), check its md5, extract ``files`` from it (each verified)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    # A temporary name that _remove_stale_parts recognizes, should this process be killed.
+    tmp = folder / f".{archive.name}.{os.getpid()}.part"
+    try:
+        md5 = hashlib.md5()
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
+            while chunk := response.read(1 << 20):
+                md5.update(chunk)
+                out.write(chunk)
+        if md5.hexdigest() != archive.md5:
+            raise ChecksumError(
+                f"the download has md5 {md5.hexdigest()}, expected {archive.md5}; discarded"
+            )
+        with tarfile.open(tmp, "r:gz") as tar:
+            for f in files:
+                member = f"{archive.folder}/{f.name}"
+                try:
+                    source = tar.extractfile(member)
+                except KeyError:
+                    source = None
+                if source is None:
+                    raise CorruptFileError(f"the archive has no file {member}")
+                content = source.read()
+                got = hashlib.md5(content).hexdigest()
+                if got != f.content_md5:
+                    raise ChecksumError(
+                        f"{member} in the archive has md5 {got}, expected {f.content_md5}"
+                    )
+                with atomic_path(folder / f.name) as part:
+                    part.write_bytes(content)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
