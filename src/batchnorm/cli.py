@@ -100,11 +100,88 @@ def _reproduce_mnist(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(args: argparse.Namespace) -> int:
-    from .reporting import mnist as report
+def _networks(text: str) -> list[str]:
+    from .experiments.convnet import MAIN, NETWORKS
+
+    if text == "all":
+        return list(NETWORKS)
+    if text == "main":
+        return list(MAIN)
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in NETWORKS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown network(s) {', '.join(unknown) or repr(text)}; choose from "
+            f"{', '.join(NETWORKS)}, or 'all' or 'main' ({','.join(MAIN)})"
+        )
+    return names
+
+
+def _reproduce_convnet(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from . import data
+    from .experiments import convnet
+    from .reporting import convnet as report
 
     try:
-        path = report.write_reports(args.folder)
+        base = convnet.ConvnetConfig()
+        if args.quick:
+            base = convnet.quick(base)
+        top = {f.name for f in fields(convnet.ConvnetConfig)}
+        overrides = {
+            name: getattr(args, name)
+            for name in ("steps", "eval_every", "dataset", "threads", "width", "test_examples")
+            if getattr(args, name) is not None
+        }
+        base = replace(base, **{k: v for k, v in overrides.items() if k in top})
+        configs = [
+            replace(base, network=net, seed=seed, base=replace(base.base, lr=lr))
+            for lr in args.base_lr or [base.base.lr]
+            for net in args.networks
+            for seed in args.seeds or [base.seed]
+        ]
+    except ValueError as exc:
+        print(f"batchnorm reproduce convnet: {exc}", file=sys.stderr)
+        return 2
+    if args.jobs < 1:
+        print("batchnorm reproduce convnet: --jobs must be at least 1", file=sys.stderr)
+        return 2
+    out = Path(args.out or ("runs/convnet-quick" if args.quick else "runs/convnet"))
+    try:
+        dataset = data.load(base.dataset, args.data_dir, download=not args.no_download)
+    except data.DataError as exc:
+        print(f"batchnorm reproduce convnet: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"data: {dataset.name} from {dataset.source}; {len(configs)} run(s) into {out}, "
+        f"{min(args.jobs, len(configs))} at a time"
+    )
+    try:
+        convnet.run_study(configs, out, dataset, jobs=args.jobs, progress=not args.no_progress)
+    except convnet.RunError as exc:
+        print(f"batchnorm reproduce convnet: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted; every run in {out} keeps its last checkpoint. Run the same command "
+            "to resume.",
+            file=sys.stderr,
+        )
+        return 130
+    path = report.write_report(out)
+    print(f"report: {path}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .reporting import convnet, mnist
+
+    folder = Path(args.folder)
+    configs = [folder / "config.json", *folder.glob("*/config.json")] if folder.is_dir() else []
+    is_convnet = any(p.is_file() and '"network"' in p.read_text() for p in configs)
+    try:
+        path = convnet.write_report(folder) if is_convnet else mnist.write_reports(folder)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         print(f"batchnorm report: {exc}", file=sys.stderr)
         return 1
@@ -200,9 +277,95 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.set_defaults(func=_reproduce_mnist)
 
+    from .experiments.convnet import MAIN, NETWORKS, ConvnetConfig
+    from .experiments.convnet import QUICK as CQ
+
+    c = ConvnetConfig()
+    cv = rsub.add_parser(
+        "convnet",
+        help="Figures 2-3: accelerating BN networks, a small Inception on Fashion-MNIST (about "
+        "1 hour for all 7 networks with --jobs 2 on 2 cores)",
+        description=(
+            "Reproduce Sec. 4.2 of the paper (Figures 2 and 3) at CPU scale: a small Inception "
+            "network on Fashion-MNIST trained as Baseline, BN-Baseline, BN-x5, BN-x30, "
+            "BN-x5-Sigmoid, and the controls Baseline-x5 and Baseline-Sigmoid; each network's "
+            "steps to reach the Baseline's best test accuracy. One folder per network and seed "
+            "(config.json, env.json, metrics.jsonl/.csv, checkpoint, TensorBoard events) and "
+            "report.md with figure2.png/.svg in --out. Interrupted runs resume from their last "
+            "checkpoint when the same command is run again. Lists (--seeds 0,1,2, --base-lr "
+            "0.01,0.02) run every combination."
+        ),
+    )
+    cv.add_argument(
+        "--networks",
+        type=_networks,
+        default=list(NETWORKS),
+        help=f"comma-separated, from {', '.join(NETWORKS)}; 'all' (default) or 'main' "
+        f"({','.join(MAIN)})",
+    )
+    cv.add_argument("--seeds", type=_ints, help=f"seed(s), e.g. 0,1,2 (default {c.seed})")
+    cv.add_argument(
+        "--base-lr",
+        type=_floats,
+        help=f"the Baseline's learning rate(s); every network's is a multiple of it (default "
+        f"{c.base.lr:g}; a list sweeps)",
+    )
+    cv.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at the same time, each in its own process (default 1; use the number "
+        "of cores, with --threads 1)",
+    )
+    cv.add_argument(
+        "--steps",
+        type=int,
+        help=f"SGD steps per network (default {c.steps:,}; --quick: {CQ['steps']})",
+    )
+    cv.add_argument(
+        "--eval-every",
+        type=int,
+        help=f"steps between evaluations after the first {4 * c.eval_every:,} (default "
+        f"{c.eval_every}; a quarter of it before; --quick: {CQ['eval_every']})",
+    )
+    cv.add_argument(
+        "--test-examples",
+        type=int,
+        help=f"evaluate on the first N test images (default: all; --quick: {CQ['test_examples']})",
+    )
+    cv.add_argument(
+        "--width", type=float, help=f"channel multiplier of the network (default {c.width:g})"
+    )
+    cv.add_argument(
+        "--threads",
+        type=int,
+        help=f"intra-op threads per run (default {c.threads}: predictable on a shared machine)",
+    )
+    cv.add_argument(
+        "--dataset",
+        choices=["fashion-mnist", "mnist", "cifar10"],
+        help=f"data set (default {c.dataset})",
+    )
+    cv.add_argument(
+        "--out", help="output folder (default runs/convnet, or runs/convnet-quick with --quick)"
+    )
+    cv.add_argument(
+        "--data-dir",
+        help="folder with the data set's files (else $BATCHNORM_DATA, the cache, or a download)",
+    )
+    cv.add_argument("--no-download", action="store_true", help="never download the data set")
+    cv.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a short study for CI and a first look: {CQ['steps']} steps per network, "
+        f"evaluated on {CQ['test_examples']} test images",
+    )
+    cv.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cv.set_defaults(func=_reproduce_convnet)
+
     r = sub.add_parser(
         "report",
-        help="regenerate plots and report.md of a run or sweep folder from its files",
+        help="regenerate plots and report.md of a run, sweep or study folder from its files",
     )
     r.add_argument("folder", help="a run folder, or the --out folder of `batchnorm reproduce`")
     r.set_defaults(func=_report)

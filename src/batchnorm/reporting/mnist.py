@@ -9,7 +9,6 @@ the verdicts for the default setting (or, if it was not run, the one with the mo
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import statistics
@@ -17,7 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._atomic import write_bytes, write_text
+from .._atomic import write_text
+from .common import RunFiles, read_run
+from .common import figure as _figure
+from .common import fmt_mean as _fmt_mean
+from .common import fmt_short as _fmt_short
+from .common import save_figure as _save
 
 __all__ = [
     "PAPER",
@@ -48,41 +52,18 @@ NETS = {
 
 
 @dataclass(frozen=True)
-class Run:
-    path: Path
-    config: dict
-    versions: dict
-    env: dict
-    records: list[dict]
-    sensitivity: dict | None
+class Run(RunFiles):
+    """A run folder of ``batchnorm reproduce mnist``, with its population-size measurement."""
 
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    def series(self, key: str) -> tuple[list[int], list[float]]:
-        pts = [(r["step"], r[key]) for r in self.records if r.get(key) is not None]
-        return [p[0] for p in pts], [p[1] for p in pts]
+    sensitivity: dict | None = None
 
 
 def load_run(path: str | Path) -> Run:
     """Read a run folder; raises ``FileNotFoundError``/``ValueError`` naming what is missing."""
-    path = Path(path)
-    for name in ("config.json", "metrics.jsonl"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path} is not a run folder: {name} is missing")
-    cfg = json.loads((path / "config.json").read_text())
-    records = [
-        json.loads(line)
-        for line in (path / "metrics.jsonl").read_text().splitlines()
-        if line.strip()
-    ]
-    if not records:
-        raise ValueError(f"{path}/metrics.jsonl holds no measurements yet")
-    env = json.loads((path / "env.json").read_text()) if (path / "env.json").is_file() else {}
-    sens_path = path / "population_batches.json"
+    files = read_run(path)
+    sens_path = files.path / "population_batches.json"
     sens = json.loads(sens_path.read_text()) if sens_path.is_file() else None
-    return Run(path, cfg["config"], cfg.get("versions", {}), env, records, sens)
+    return Run(files.path, files.config, files.versions, files.env, files.records, sens)
 
 
 def find_runs(folder: str | Path) -> list[Run]:
@@ -251,25 +232,6 @@ def _verdicts(
 # -- plots --------------------------------------------------------------------------------------
 
 
-def _figure(width: float, height: float, ncols: int):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    return fig, fig.subplots(1, ncols)
-
-
-def _save(fig, stem: Path) -> list[Path]:
-    """PNG and SVG beside each other, written atomically; SVGs without a date, so reruns match."""
-    paths = []
-    for ext, kwargs in (("png", {"dpi": 150}), ("svg", {"metadata": {"Date": None}})):
-        buf = io.BytesIO()
-        fig.savefig(buf, format=ext, **kwargs)
-        path = stem.with_suffix(f".{ext}")
-        write_bytes(path, buf.getvalue())
-        paths.append(path)
-    return paths
-
-
 def _acc_ylim(values: Sequence[float]) -> tuple[float, float]:
     """The paper's 0.7–1.0 when the curves live there, else enough room to show them."""
     lo = min(values)
@@ -387,13 +349,6 @@ def plot_sweep(runs: list[Run], stem: Path) -> list[Path]:
 # -- reports ------------------------------------------------------------------------------------
 
 
-def _fmt_mean(vals: Sequence[float]) -> str:
-    if len(vals) == 1:
-        return f"{vals[0]:.4f}"
-    sd = statistics.stdev(vals)
-    return f"{statistics.fmean(vals):.4f} ± {sd:.4f} (min {min(vals):.4f}, max {max(vals):.4f}, n={len(vals)})"
-
-
 def _fmt_step(s: int | None, steps: int) -> str:
     return f"{s:,}" if s is not None else f"not reached in {steps:,}"
 
@@ -486,12 +441,6 @@ def _drift_table(summaries: list[Summary], unit: int) -> str:
             f"{_fmt_short([x['layer_spread_range'] for x in d])} |"
         )
     return "\n".join(rows)
-
-
-def _fmt_short(vals: Sequence[float], digits: int = 3) -> str:
-    if len(vals) == 1:
-        return f"{vals[0]:.{digits}f}"
-    return f"{statistics.fmean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
 
 def _verdict_table(runs: list[Run], summaries: list[Summary]) -> str:

@@ -1,0 +1,537 @@
+"""`batchnorm reproduce convnet`: the recipe transform, the network, the data pipeline, divergence,
+the quick study end to end (real Fashion-MNIST), parallel runs, interruption, reports."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import replace
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from batchnorm import BatchNorm2d, data
+from batchnorm.cli import main
+from batchnorm.experiments import convnet, runs
+from batchnorm.reporting import convnet as report
+from tests.tolerances import TOL
+
+
+@pytest.fixture(scope="module")
+def fashion(data_root):
+    return data.load("fashion-mnist", data_root / "fashion-mnist", download=False)
+
+
+@pytest.fixture(scope="module")
+def prepared(fashion):
+    return convnet.prepare_data(fashion)
+
+
+def strip_timing(records):
+    """Timing fields (names ending in _s) are the only ones allowed to differ between two runs."""
+    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]
+
+
+# -- the recipe and Sec. 4.2.1 -------------------------------------------------------------------
+
+recipes = st.builds(
+    convnet.Recipe,
+    lr=st.floats(1e-4, 1.0),
+    lr_half_life=st.floats(10.0, 1e5),
+    momentum=st.floats(0.0, 0.99),
+    weight_decay=st.floats(0.0, 1e-2),
+    dropout=st.floats(0.0, 0.9),
+    lrn=st.booleans(),
+    shuffle=st.sampled_from(["examples", "batches"]),
+    photometric=st.floats(0.0, 1.0),
+    translate=st.integers(0, 4),
+)
+
+
+@given(recipe=recipes, factor=st.floats(0.5, 50.0))
+@settings(max_examples=50, deadline=None)
+def test_accelerate_makes_exactly_the_seven_changes(recipe, factor):
+    fast = convnet.accelerate(recipe, factor)
+    assert fast.lr == pytest.approx(recipe.lr * factor)  # 1. raise the learning rate
+    assert fast.dropout == 0  # 2. remove Dropout
+    assert fast.weight_decay == pytest.approx(recipe.weight_decay / 5)  # 3. L2 ÷ 5
+    assert fast.lr_half_life == pytest.approx(recipe.lr_half_life / 6)  # 4. decay 6× faster
+    assert fast.lrn is False  # 5. remove LRN
+    assert fast.shuffle == "examples"  # 6. shuffle more thoroughly
+    assert fast.photometric == pytest.approx(recipe.photometric / 2)  # 7. lighter distortions
+    # and nothing else: the optimizer's momentum and the geometric distortions are kept
+    assert (fast.momentum, fast.translate) == (recipe.momentum, recipe.translate)
+    # the decay really is 6× faster: the fast recipe's lr ratio after t steps is the base's after 6t
+    t = 1 + recipe.lr_half_life / 3
+    assert fast.lr_at(t) / fast.lr == pytest.approx(recipe.lr_at(1 + 6 * (t - 1)) / recipe.lr)
+
+
+def test_each_network_derives_its_recipe_from_the_base():
+    base = convnet.Recipe()
+    r = {n: net.recipe(base) for n, net in convnet.NETWORKS.items()}
+    assert r["baseline"] == base and r["bn-baseline"] == base and r["baseline-sigmoid"] == base
+    assert r["bn-x5"] == convnet.accelerate(base, 5) == r["bn-x5-sigmoid"]
+    assert r["bn-x30"] == convnet.accelerate(base, 30)
+    assert r["baseline-x5"] == replace(base, lr=5 * base.lr)  # "the same learning rate increase"
+    assert r["bn-x30"].lr == pytest.approx(30 * base.lr)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"network": "bn-x10"}, "network must be one of baseline, bn-baseline"),
+        ({"steps": 0}, "steps must be a positive integer"),
+        ({"batch_size": 1}, "batch_size must be at least 2"),
+        ({"dataset": "imagenet"}, "dataset must be one of"),
+        ({"test_examples": 0}, "test_examples must be a positive integer or None"),
+        ({"width": 100}, "width must be between"),
+        ({"eps": 0}, r"eps must be in \(0, 1\)"),
+    ],
+)
+def test_bad_settings_are_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        replace(convnet.ConvnetConfig(), **change)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"lr": float("inf")}, "lr must be a positive finite number"),
+        ({"lr_half_life": 0}, "lr_half_life must be a positive number"),
+        ({"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+        ({"shuffle": "none"}, "shuffle must be"),
+        ({"photometric": 2.0}, r"photometric must be in \[0, 1\]"),
+        ({"translate": 1.5}, "translate must be an integer"),
+    ],
+)
+def test_bad_recipes_are_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        replace(convnet.Recipe(), **change)
+
+
+def test_quick_preset_shortens_the_run_and_its_decay():
+    q = convnet.quick(convnet.ConvnetConfig(network="bn-x5"))
+    assert (q.steps, q.eval_every, q.test_examples) == (600, 100, 2000)
+    assert q.base.lr_half_life == 200 and q.recipe.lr_half_life == pytest.approx(200 / 6)
+
+
+def test_evaluation_steps_are_dense_early_then_regular():
+    cfg = replace(convnet.ConvnetConfig(), steps=3000, eval_every=400)
+    steps = convnet.evaluation_steps(cfg)
+    assert steps[:5] == [0, 100, 200, 300, 400] and 1600 in steps and 1700 not in steps
+    assert steps[-3:] == [2400, 2800, 3000]
+    assert steps == sorted(set(steps))
+
+
+# -- the network ----------------------------------------------------------------------------------
+
+
+def build(network, **kw):
+    return convnet.build_network(replace(convnet.ConvnetConfig(), network=network, **kw))
+
+
+def test_inception_modules_have_the_papers_four_branches():
+    model = build("baseline")
+    modules = [m for m in model.modules() if isinstance(m, convnet.Inception)]
+    assert len(modules) == 4
+    for m in modules:
+        k3 = [c.kernel_size for c in m.b3.modules() if isinstance(c, nn.Conv2d)]
+        k33 = [c.kernel_size for c in m.b33.modules() if isinstance(c, nn.Conv2d)]
+        assert k3 == [(1, 1), (3, 3)] and k33 == [(1, 1), (3, 3), (3, 3)]  # 5×5 → two 3×3
+    reduction = [m for m in modules if m.stride == 2]
+    assert len(reduction) == 1 and reduction[0].b1 is None and reduction[0].proj is None
+    assert all(m.b1 is not None and m.proj is not None for m in modules if m.stride == 1)
+    # global average pooling, and no fully connected layer but the classifier
+    assert sum(isinstance(m, nn.AdaptiveAvgPool2d) for m in model.modules()) == 1
+    assert [type(m) for m in model.modules() if isinstance(m, nn.Linear)] == [nn.Linear]
+
+
+@pytest.mark.parametrize("network", list(convnet.NETWORKS))
+@pytest.mark.parametrize(("channels", "side"), [(1, 28), (3, 32)])
+def test_every_network_maps_images_to_class_scores(network, channels, side):
+    cfg = replace(convnet.ConvnetConfig(), network=network)
+    model = convnet.build_network(cfg, in_channels=channels, classes=10)
+    out = model(torch.randn(4, channels, side, side))
+    assert out.shape == (4, 10) and torch.isfinite(out).all()
+
+
+def test_bn_before_every_nonlinearity_and_the_recipe_switches():
+    for name, net in convnet.NETWORKS.items():
+        model = build(name)
+        act = nn.ReLU if net.activation == "relu" else nn.Sigmoid
+        other = nn.Sigmoid if act is nn.ReLU else nn.ReLU
+        assert not any(isinstance(m, other) for m in model.modules())
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        blocks = [
+            m for m in model.modules() if isinstance(m, nn.Sequential) and isinstance(m[-1], act)
+        ]
+        assert len(blocks) == len(convs) == 29
+        for block in blocks:
+            if net.bn:  # Alg. 2: conv (no bias, Sec. 3.2) -> our BN -> nonlinearity
+                assert [type(m) for m in block] == [nn.Conv2d, BatchNorm2d, act]
+                assert block[0].bias is None
+            else:
+                assert [type(m) for m in block] == [nn.Conv2d, act]
+        recipe = net.recipe(convnet.Recipe())
+        lrn = sum(isinstance(m, convnet.LocalResponseNorm) for m in model.modules())
+        assert lrn == (2 if recipe.lrn else 0)
+        drop = [m.p for m in model.modules() if isinstance(m, nn.Dropout)]
+        assert drop == ([recipe.dropout] if recipe.dropout else [])
+
+
+@pytest.mark.parametrize("size", [1, 2, 5])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_local_response_norm_is_torchs(size, channels_last):
+    x = torch.randn(4, 7, 5, 6, dtype=torch.float64) * 3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ours = convnet.LocalResponseNorm(size, alpha=0.3, beta=0.75, k=2.0)
+    theirs = nn.LocalResponseNorm(size, alpha=0.3, beta=0.75, k=2.0)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(a), theirs(b)
+    torch.testing.assert_close(ya, yb, **TOL[torch.float64])
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(a.grad, b.grad, **TOL[torch.float64])
+    assert repr(ours) == repr(theirs)
+
+
+def test_every_network_of_a_seed_starts_from_the_same_convolutions():
+    def conv_weights(model):
+        return [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+    ref = conv_weights(build("baseline"))
+    for name in convnet.NETWORKS:
+        for a, b in zip(ref, conv_weights(build(name)), strict=True):
+            assert torch.equal(a, b), name
+    w = ref[5]  # He-normal: std sqrt(2 / fan_in)
+    assert w.std().item() == pytest.approx(math.sqrt(2 / w[0].numel()), rel=0.1)
+    assert not torch.equal(ref[0], conv_weights(build("baseline", seed=1))[0])
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+
+def test_prepared_data_are_standardized(prepared):
+    assert prepared.x_train.dtype == torch.uint8 and prepared.x_train.shape == (60000, 1, 28, 28)
+    assert prepared.mean.item() == pytest.approx(0.286, abs=1e-3)  # the README's train statistics
+    assert prepared.std.item() == pytest.approx(0.353, abs=1e-3)
+    assert prepared.x_test.is_contiguous(memory_format=torch.channels_last)
+    assert abs(prepared.x_test.mean().item()) < 0.02  # the test set, with the train statistics
+
+
+def shifted(img, dy, dx):
+    out = torch.zeros_like(img)
+    h, w = img.shape[-2:]
+    out[..., max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = img[
+        ..., max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)
+    ]
+    return out
+
+
+def raw(prepared, idx):
+    return prepared.x_train[idx].float() / 255
+
+
+def test_translation_moves_each_image_by_at_most_the_recipe_pixels(prepared):
+    idx = torch.arange(32)
+    recipe = replace(convnet.Recipe(), photometric=0.0, translate=2)
+    x = convnet.make_batch(prepared, idx, recipe, torch.Generator().manual_seed(1))
+    x = x * prepared.std + prepared.mean  # back to [0, 1]
+    moves = set()
+    for i, img in enumerate(raw(prepared, idx)):
+        match = [
+            (dy, dx)
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+            if torch.allclose(x[i], shifted(img, dy, dx), atol=1e-6)
+        ]
+        assert match, f"image {i} is not a translate of its source by up to 2 pixels"
+        moves.add(match[0])
+    assert len(moves) > 5  # the shifts are random, per image
+
+
+def test_photometric_distortion_keeps_the_pixel_order_and_lighter_is_lighter(prepared):
+    idx = torch.arange(64)
+    src = raw(prepared, idx)
+    moved = {}
+    for p in (0.4, 0.2):
+        recipe = replace(convnet.Recipe(), photometric=p, translate=0)
+        x = convnet.make_batch(prepared, idx, recipe, torch.Generator().manual_seed(7))
+        x = x * prepared.std + prepared.mean
+        assert x.min() >= -1e-6 and x.max() <= 1 + 1e-6
+        for a, b in zip(src.flatten(1), x.flatten(1), strict=True):  # monotone per image
+            order = a.argsort()
+            assert (b[order].diff() >= -1e-5).all()
+        moved[p] = (x - src).abs().mean().item()
+    assert moved[0.2] < 0.7 * moved[0.4] and moved[0.2] > 0.01
+
+
+def test_batches_are_a_function_of_the_generator_seed(prepared):
+    idx = torch.arange(8)
+    recipe = convnet.Recipe()
+    a = convnet.make_batch(prepared, idx, recipe, torch.Generator().manual_seed(3))
+    b = convnet.make_batch(prepared, idx, recipe, torch.Generator().manual_seed(3))
+    c = convnet.make_batch(prepared, idx, recipe, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    plain = convnet.make_batch(prepared, idx, recipe, None)  # no distortion at all
+    torch.testing.assert_close(plain, (raw(prepared, idx) - prepared.mean) / prepared.std)
+
+
+# -- divergence -----------------------------------------------------------------------------------
+
+TINY = {
+    "steps": 40,
+    "eval_every": 20,
+    "population_every": 20,
+    "population_batches": 4,
+    "test_examples": 500,
+}
+
+
+@pytest.mark.parametrize(("network", "lr"), [("baseline", 50.0), ("bn-x30", 100.0)])
+def test_divergence_ends_the_run_cleanly_and_is_not_retried(prepared, tmp_path, network, lr):
+    cfg = replace(convnet.ConvnetConfig(), network=network, **TINY)
+    cfg = replace(cfg, base=replace(cfg.base, lr=lr))
+    lines = []
+    run_dir = convnet.run(cfg, tmp_path / "run", prepared, progress=False, echo=lines.append)
+    recs = runs.load_records(run_dir)
+    last = recs[-1]
+    assert last["diverged"] and last["step"] < cfg.steps, last
+    assert any("diverged at step" in line for line in lines)
+    state = torch.load(run_dir / runs.CHECKPOINT, weights_only=True)
+    assert state["diverged"]["step"] == last["step"]
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    convnet.run(cfg, run_dir, prepared, progress=False, echo=lines.append)
+    assert "already complete (diverged at step" in lines[-1]
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+# -- the quick study, end to end ------------------------------------------------------------------
+
+QUICK_NETWORKS = "baseline,bn-x5,baseline-x5"
+
+
+@pytest.fixture(scope="module")
+def quick_study(data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick")
+    start = time.perf_counter()
+    code = main(
+        [
+            "reproduce",
+            "convnet",
+            "--quick",
+            "--networks",
+            QUICK_NETWORKS,
+            "--jobs",
+            "2",
+            "--data-dir",
+            str(data_root / "fashion-mnist"),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    return out, time.perf_counter() - start
+
+
+def test_quick_study_bn_x5_reaches_the_baseline_sooner_and_baseline_x5_fails(quick_study):
+    out, seconds = quick_study
+    study = report.load_study(out)
+    assert study.networks == ["baseline", "bn-x5", "baseline-x5"]
+    base = study.of("baseline")[0]
+    target, base_step = base.best
+    assert target > 0.7, "the quick Baseline learns"  # chance is 0.1
+    fast = study.of("bn-x5")[0]
+    reached = fast.first_step_at(target)
+    assert reached is not None and reached < base_step, (reached, base_step)
+    assert fast.best[0] > target
+    # the control fails: it diverges, or it is flagged as stuck at chance
+    control = study.of("baseline-x5")[0]
+    assert control.diverged or control.at_chance, control.records[-1]
+    verdicts = {c: v for c, _, v in report.verdicts(study)}
+    x5 = next(v for c, v in verdicts.items() if c.startswith("BN-x5 reaches"))
+    assert x5 == "reproduced" or x5.startswith("partly (faster")
+    assert seconds < 240, f"the quick study took {seconds:.0f} s"
+
+
+def test_quick_study_files(quick_study):
+    out, _ = quick_study
+    run_dir = out / "bn-x5_lr0.1_seed0"
+    cfg = json.loads((run_dir / "config.json").read_text())["config"]
+    assert cfg["network"] == "bn-x5" and cfg["steps"] == 600
+    assert cfg["recipe"]["lr"] == pytest.approx(0.1) and cfg["recipe"]["lrn"] is False
+    env = json.loads((run_dir / "env.json").read_text())["sessions"]
+    assert len(env) == 1 and env[0]["torch_threads"] == 1 and env[0]["git_revision"]
+    recs = runs.load_records(run_dir)
+    steps = [r["step"] for r in recs]
+    assert steps == convnet.evaluation_steps(convnet.quick(convnet.ConvnetConfig()))
+    assert {k for k in recs[-1] if k.endswith("_s")} == {"eval_s", "train_s", "clock_s"}
+    assert recs[-1]["test_acc_population"] > 0.7 and "test_acc_population" not in recs[1]
+    csv_lines = (run_dir / "metrics.csv").read_text().splitlines()
+    assert len(csv_lines) == len(recs) + 1 and "test_acc" in csv_lines[0]
+    ckpt = torch.load(run_dir / runs.CHECKPOINT, weights_only=True)
+    assert ckpt["step"] == 600 and ckpt["diverged"] is None
+    model = convnet.build_network(convnet.quick(replace(convnet.ConvnetConfig(), network="bn-x5")))
+    model.load_state_dict(ckpt["model"])  # the checkpoint is the network's state
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    logged = events.Scalars("test_acc")
+    assert [e.step for e in logged] == steps
+    assert [e.value for e in logged] == pytest.approx([r["test_acc"] for r in recs])
+    img = matplotlib.image.imread(out / "figure2.png")
+    assert img.shape[0] > 500 and img.shape[1] > 1500 and img.std() > 0.05
+    ET.parse(out / "figure2.svg")
+    text = (out / "report.md").read_text()
+    for needle in ("31.0M", "2.1M", "72.2%", "73.0%", "14.8×", "Santurkar", "A short run"):
+        assert needle in text, needle
+    assert "| BN-x5 reaches the Baseline's best accuracy in 14.8× fewer steps |" in text
+    assert not list(out.rglob("*.part"))
+
+
+def test_report_is_regenerated_from_the_files_alone(quick_study, tmp_path):
+    out, _ = quick_study
+    before = (out / "report.md").read_text()
+    for run_dir in out.iterdir():
+        if run_dir.is_dir():
+            (tmp_path / run_dir.name).mkdir()
+            for name in ("config.json", "env.json", "metrics.jsonl"):
+                (tmp_path / run_dir.name / name).write_bytes((run_dir / name).read_bytes())
+    assert main(["report", str(tmp_path)]) == 0
+    assert (tmp_path / "report.md").read_text() == before.replace(str(out), str(tmp_path))
+    assert (tmp_path / "figure2.svg").read_bytes() == (out / "figure2.svg").read_bytes()
+
+
+def test_parallel_and_sequential_runs_give_the_same_metrics(fashion, tmp_path):
+    configs = [replace(convnet.ConvnetConfig(), network=n, **TINY) for n in ("bn-x5", "baseline")]
+    convnet.run_study(configs, tmp_path / "par", fashion, jobs=2, progress=False)
+    convnet.run_study(configs[:1], tmp_path / "seq", fashion, jobs=1, progress=False)
+    name = convnet.run_name(configs[0])
+    assert strip_timing(runs.load_records(tmp_path / "par" / name)) == strip_timing(
+        runs.load_records(tmp_path / "seq" / name)
+    )
+
+
+# -- interruption, bad input ----------------------------------------------------------------------
+
+
+def cli(out: Path, data_root: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "batchnorm",
+        "reproduce",
+        "convnet",
+        "--data-dir",
+        str(data_root / "fashion-mnist"),
+        "--out",
+        str(out),
+        "--steps",
+        "160",
+        "--eval-every",
+        "40",
+        "--test-examples",
+        "500",
+        "--no-progress",
+        *extra,
+    ]
+
+
+ENV = dict(os.environ, PYTHONUNBUFFERED="1")
+
+
+def wait_for_records(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError(f"no {n} records after {timeout} s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("sig", "jobs"), [(signal.SIGKILL, "1"), (signal.SIGINT, "2")], ids=["SIGKILL", "Ctrl-C-jobs2"]
+)
+def test_interrupted_study_resumes_to_the_same_metrics(sig, jobs, data_root, tmp_path):
+    nets = ("--networks", "bn-x5,baseline", "--jobs", jobs)
+    ref = subprocess.run(
+        cli(tmp_path / "ref", data_root, *nets),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        cli(out, data_root, *nets),
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, like a job in a terminal
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    wait_for_records(out / "bn-x5_lr0.1_seed0", 6, proc)  # a few checkpoints in
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground group
+    else:
+        proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "Run the same command to resume" in err, err
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    again = subprocess.run(
+        cli(out, data_root, *nets), env=ENV, capture_output=True, text=True, timeout=600
+    )
+    assert again.returncode == 0, again.stderr
+    for name in ("bn-x5_lr0.1_seed0", "baseline_lr0.02_seed0"):
+        assert strip_timing(runs.load_records(out / name)) == strip_timing(
+            runs.load_records(tmp_path / "ref" / name)
+        ), name
+    sessions = json.loads((out / "bn-x5_lr0.1_seed0" / "env.json").read_text())["sessions"]
+    assert len(sessions) == 2 and sessions[1]["resumed_from_step"] > 0
+    assert not list(out.rglob("*.part"))
+
+
+def test_rerun_with_other_settings_is_refused_and_loses_nothing(prepared, fashion, tmp_path):
+    cfg = replace(convnet.ConvnetConfig(), network="bn-x5", **TINY)
+    convnet.run_study([cfg], tmp_path, fashion, progress=False)
+    run_dir = tmp_path / convnet.run_name(cfg)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    with pytest.raises(runs.RunConfigMismatchError, match="steps: saved 40, now 60"):
+        convnet.run(replace(cfg, steps=60), run_dir, prepared, progress=False)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+def test_cli_errors(tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exc:
+        main(["reproduce", "convnet", "--networks", "bn-x10"])
+    assert exc.value.code == 2 and "unknown network(s) bn-x10" in capsys.readouterr().err
+    assert main(["reproduce", "convnet", "--steps", "0"]) == 2
+    assert "steps must be a positive integer" in capsys.readouterr().err
+    assert main(["reproduce", "convnet", "--jobs", "0"]) == 2
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    monkeypatch.setenv("BATCHNORM_CACHE", str(tmp_path / "cache"))
+    assert main(["reproduce", "convnet", "--no-download", "--out", str(tmp_path / "o")]) == 1
+    assert "fashion-mnist: data set not found" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert main(["report", str(tmp_path)]) == 1
