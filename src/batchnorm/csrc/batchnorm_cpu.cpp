@@ -396,7 +396,7 @@ struct RunSums {
 template <bool Two, typename V, int64_t L, typename Step, typename Scalar>
 inline void run_sums(int64_t n, RunSums& r, const Step& step, const Scalar& scalar) {
   int64_t i = 0;
-  while (i + 4 * L <= n) {
+  do {
     V a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
     const int64_t end = i + std::min<int64_t>((n - i) / (4 * L), kBlock) * (4 * L);
     for (; i < end; i += 4 * L) {
@@ -405,15 +405,14 @@ inline void run_sums(int64_t n, RunSums& r, const Step& step, const Scalar& scal
       step(i + 2 * L, a2, b2);
       step(i + 3 * L, a3, b3);
     }
+    if (n - i < 4 * L) {  // the last block also takes the remaining whole vectors (at most 3)
+      if (i + L <= n) step(i, a0, b0), i += L;
+      if (i + L <= n) step(i, a1, b1), i += L;
+      if (i + L <= n) step(i, a2, b2), i += L;
+    }
     widen_add(r.lo1, r.hi1, (a0 + a1) + (a2 + a3));
     if constexpr (Two) widen_add(r.lo2, r.hi2, (b0 + b1) + (b2 + b3));
-  }
-  for (; i + L <= n; i += L) {
-    V a{}, b{};
-    step(i, a, b);
-    widen_add(r.lo1, r.hi1, a);
-    if constexpr (Two) widen_add(r.lo2, r.hi2, b);
-  }
+  } while (i + 4 * L <= n);
   for (; i < n; ++i) scalar(i, r.t1, r.t2);
 }
 
