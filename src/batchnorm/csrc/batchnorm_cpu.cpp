@@ -38,6 +38,10 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -315,11 +319,25 @@ inline vd vload(const double* p) {
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
+// float16: GCC scalarizes a 16-lane _Float16 vector conversion, so use the hardware
+// conversions where they exist (AVX-512F or F16C).
 inline vf vload(const at::Half* p) {
+  vf v;
+#if defined(__AVX512F__)
+  const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  std::memcpy(&v, &f, sizeof(v));
+#elif defined(__F16C__)
+  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  std::memcpy(&v, &lo, sizeof(lo));
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
+#else
   typedef _Float16 vh __attribute__((vector_size(32)));
   vh h;
   std::memcpy(&h, p, sizeof(h));
-  return __builtin_convertvector(h, vf);
+  v = __builtin_convertvector(h, vf);
+#endif
+  return v;
 }
 inline vf vload(const at::BFloat16* p) {
   typedef uint16_t vu16 __attribute__((vector_size(32)));
@@ -336,9 +354,21 @@ inline vf vload(const at::BFloat16* p) {
 inline void vstore(float* p, const vf& v) { std::memcpy(p, &v, sizeof(v)); }
 inline void vstore(double* p, const vd& v) { std::memcpy(p, &v, sizeof(v)); }
 inline void vstore(at::Half* p, const vf& v) {
+#if defined(__AVX512F__)
+  __m512 f;
+  std::memcpy(&f, &v, sizeof(f));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT));
+#elif defined(__F16C__)
+  __m256 lo, hi;
+  std::memcpy(&lo, &v, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT));
+#else
   typedef _Float16 vh __attribute__((vector_size(32)));
   const vh h = __builtin_convertvector(v, vh);
   std::memcpy(p, &h, sizeof(h));
+#endif
 }
 inline void vstore(at::BFloat16* p, const vf& v) {
   typedef uint32_t vu32 __attribute__((vector_size(64)));
