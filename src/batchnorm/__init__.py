@@ -8,6 +8,7 @@ tools on whole models (:mod:`batchnorm.tools`). The experiments and the CLI live
 from . import functional, nn, tools
 from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm
 from .tools import (
+    accumulate_statistics,
     add_batchnorm,
     convert,
     convert_from_sync,
@@ -28,6 +29,7 @@ __all__ = [
     "BatchNorm3d",
     "SyncBatchNorm",
     "__version__",
+    "accumulate_statistics",
     "add_batchnorm",
     "convert",
     "convert_from_sync",

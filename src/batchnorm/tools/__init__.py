@@ -8,6 +8,8 @@
   probe input; the algebra as functions on tensors (:func:`bn_scale_shift`,
   :func:`fold_bn_into_layer`, :func:`fold_bn_into_next_layer`) and on module pairs
   (:func:`fold_modules`).
+- :func:`accumulate_statistics`: with gradient accumulation, one running-statistics update per
+  effective batch instead of one per micro-batch.
 - :func:`diagnose`: per-layer health in eval mode — running statistics against the data reaching
   each layer, dead channels, collapsed γ, non-finite state — with advice.
 - :func:`convert`: swap torch's BN layers for ours and back; :func:`convert_sync` /
@@ -15,6 +17,7 @@
 """
 
 from ._graph import ModelTraceError
+from .accumulate import accumulate_statistics
 from .convert import bn_layers, convert, name_layers
 from .diagnose import BNHealthReport, LayerHealth, diagnose
 from .folding import (
@@ -53,6 +56,7 @@ __all__ = [
     "LayerRecalibration",
     "ModelTraceError",
     "RecalibrationReport",
+    "accumulate_statistics",
     "add_batchnorm",
     "bn_layers",
     "bn_scale_shift",
