@@ -6,7 +6,15 @@ tools on whole models (:mod:`batchnorm.tools`). The experiments and the CLI live
 """
 
 from . import functional, nn, tools
-from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm
+from .nn import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    SyncBatchNorm,
+)
 from .tools import (
     accumulate_statistics,
     add_batchnorm,
@@ -27,6 +35,9 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
     "SyncBatchNorm",
     "__version__",
     "accumulate_statistics",
