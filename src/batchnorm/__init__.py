@@ -13,6 +13,9 @@ from .nn import (
     BatchRenorm1d,
     BatchRenorm2d,
     BatchRenorm3d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
     SyncBatchNorm,
 )
 from .tools import (
@@ -38,6 +41,9 @@ __all__ = [
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
     "SyncBatchNorm",
     "__version__",
     "accumulate_statistics",
