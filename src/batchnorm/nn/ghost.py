@@ -44,7 +44,9 @@ class _GhostMixin:
             )
         self.virtual_batch_size = virtual_batch_size
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is not None:
+            raise NotImplementedError(f"{self._where()}: Ghost BN does not take a mask")
         ghost = (
             self.training
             and not self.freeze_stats

@@ -79,7 +79,9 @@ class _RenormMixin:
                 f"r_max={self.r_max}, d_max={self.d_max}, warmup={self.warmup}"
             )
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is not None:
+            raise NotImplementedError(f"{self._where()}: Batch Renorm does not take a mask")
         renorm = (
             self.training
             and not self.freeze_stats
