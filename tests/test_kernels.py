@@ -74,3 +74,20 @@ def test_fallback_when_the_kernels_cannot_build(tmp_path):
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode != 0 and "BATCHNORM_KERNELS=require" in proc.stderr
+
+
+def test_large_input_gradients_avoid_4k_aliasing_with_the_input():
+    """dx is placed half a page (mod 4 KB) away from x, so the backward's stores do not alias its
+    loads (see empty_output in csrc/batchnorm_cpu.cpp); the values are unaffected."""
+    x = torch.randn(8, 16, 32, 32, requires_grad=True)
+    g = torch.randn_like(x)
+    with use_backend("fused"):
+        y = batch_norm_train(x).output
+    (dx,) = torch.autograd.grad(y, x, g)
+    distance = (dx.data_ptr() - x.data_ptr()) % 4096
+    assert 2048 - 64 <= distance <= 2048 and dx.data_ptr() % 64 == x.data_ptr() % 64
+    assert dx.is_contiguous() and dx.shape == x.shape
+    with use_backend("python"):
+        y_ref = batch_norm_train(x).output
+    (dx_ref,) = torch.autograd.grad(y_ref, x, g)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)

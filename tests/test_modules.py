@@ -416,3 +416,40 @@ def test_symbolic_trace_records_one_batch_norm_call():
     ) == 1
     x = torch.randn(2, 3, 6, 6)
     torch.testing.assert_close(traced(x), model(x))
+
+
+def test_functional_call_swaps_parameters():
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), BatchNorm1d(6))
+    ref = convert(model, to="torch")
+    params = {k: v * 2 + 1 for k, v in model.named_parameters()}
+    x = torch.randn(8, 4)
+    out = torch.func.functional_call(model, params, (x,))
+    torch.testing.assert_close(
+        out, torch.func.functional_call(ref, params, (x,)), **TORCH_AGREEMENT
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_whole_layer_in_16_bit(dtype):
+    ours, ref = BatchNorm2d(4).to(dtype), nn.BatchNorm2d(4).to(dtype)
+    x = (torch.randn(3, 4, 5, 5) * 3 + 2).to(dtype)
+    one_ulp = 2.0 ** -(10 if dtype == torch.float16 else 7)
+    for mode in (True, False):
+        ours.train(mode)
+        ref.train(mode)
+        y = ours(x)
+        assert y.dtype == dtype and ours.running_var.dtype == dtype
+        # ours computes in float32 and rounds once; torch's 16-bit path may differ by an ulp
+        torch.testing.assert_close(y.float(), ref(x).float(), rtol=2 * one_ulp, atol=2 * one_ulp)
+
+
+def test_cpu_autocast():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNorm2d(4), nn.ReLU())
+    ref = convert(net, to="torch")
+    x = torch.randn(2, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = net(x), ref(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=1e-2, atol=1e-2)
+    y.float().sum().backward()
+    assert net[0].weight.grad.dtype == torch.float32 and net[1].weight.grad is not None

@@ -6,12 +6,25 @@ tools on whole models (:mod:`batchnorm.tools`). The experiments and the CLI live
 """
 
 from . import functional, nn, tools
-from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm
+from .nn import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+    SyncBatchNorm,
+)
 from .tools import (
+    accumulate_statistics,
     add_batchnorm,
     convert,
     convert_from_sync,
     convert_sync,
+    diagnose,
     fold,
     freeze,
     freeze_stats,
@@ -25,12 +38,20 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
     "SyncBatchNorm",
     "__version__",
+    "accumulate_statistics",
     "add_batchnorm",
     "convert",
     "convert_from_sync",
     "convert_sync",
+    "diagnose",
     "fold",
     "freeze",
     "freeze_stats",

@@ -115,8 +115,9 @@ def batch_norm_train(
     its increment when ``momentum`` is None (cumulative average).
 
     With ``guard_nonfinite`` (default) a batch whose statistics are not finite leaves the running
-    buffers and ``num_batches_tracked`` untouched, adds one to ``nonfinite_count`` and warns the
-    first time (``name`` says which layer). Returns ``(output, mean, var)``, statistics in float64.
+    buffers and ``num_batches_tracked`` untouched and warns (``name`` says which layer); with a
+    ``nonfinite_count`` counter it adds one to it and warns only when it first becomes 1.
+    Returns ``(output, mean, var)``, statistics in float64.
     """
     check_input(input, None, training=True, where=name or "batch_norm_train")
     check_hyperparameters(eps, momentum, where=name or "batch_norm_train")

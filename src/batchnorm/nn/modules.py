@@ -28,6 +28,7 @@ from ..functional.core import (
     nonfinite_message,
     update_running_stats,
 )
+from ..functional.masked import check_mask, masked_batch_norm_train
 from ..functional.stats import PopulationStats
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "StatsMode"]
@@ -114,6 +115,9 @@ class _BatchNormMixin:
         self.layer_name = ""
         self._population_mode = False
         self._population = PopulationStats()
+        # Set by batchnorm.tools.accumulate_statistics: micro-batch statistics gathered here and
+        # applied to the running buffers in one update (gradient accumulation).
+        self._deferred: PopulationStats | None = None
         # Not persistent: keeps state_dicts identical to torch's (strict loading both ways).
         self.register_buffer(
             "nonfinite_skips",
@@ -188,7 +192,11 @@ class _BatchNormMixin:
         if not self.eps > 0 or (self.momentum is not None and not 0 <= self.momentum <= 1):
             check_hyperparameters(self.eps, self.momentum, self._where())
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Normalize ``input``; with ``mask`` (bool, the input's shape without the channel
+        dimension, True = valid), training statistics ignore the masked positions (padding)."""
+        if mask is not None:
+            return self._masked_forward(input, mask)
         # Parameters and buffers straight from their dicts: nn.Module.__getattr__ costs ~0.3 µs a
         # lookup, a sizeable share of a small layer's step. A parametrized weight (or a buffer
         # replaced by a plain attribute) is not in the dict: then the attribute is used (not
@@ -231,7 +239,7 @@ class _BatchNormMixin:
                 None,
                 self._where,
             ).output
-        if self._population_mode:
+        if self._population_mode or getattr(self, "_deferred", None) is not None:
             return self._population_step(input)
         return _train(
             input,
@@ -247,35 +255,63 @@ class _BatchNormMixin:
             self._where,
         ).output
 
+    def _masked_forward(self, input: Tensor, mask: Tensor) -> Tensor:
+        batch_stats = (self.training and not self.freeze_stats) or self.running_mean is None
+        self._check(input, False)
+        if not batch_stats:  # inference: one affine map per channel, the mask changes nothing
+            check_mask(input, mask, self._where())
+            return F.batch_norm(
+                input,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                False,
+                0.0,
+                self.eps,
+            )
+        y, mean, var, m = masked_batch_norm_train(
+            input, mask, self.weight, self.bias, self.eps, self._where()
+        )
+        if self.training and self.track_running_stats and self.running_mean is not None:
+            self._update_running_stats(mean, var, m)
+        return y
+
     def _population_step(self, input: Tensor) -> Tensor:
+        """A training step whose running-statistics update happens in Python (population mode,
+        deferred updates): the kernel normalizes and returns the batch statistics."""
         y, mean, var = _train(
             input, self.weight, self.bias, None, None, None, None, self.eps, False, None, ""
         )
-        self._record_population(mean, var, input.numel() // input.shape[1])
+        self._update_running_stats(mean, var, input.numel() // input.shape[1])
         return y
 
-    @torch.no_grad()
-    def _record_population(self, mean: Tensor, var: Tensor, count: int) -> None:
-        """stats_mode="population" (Alg. 2): add one mini-batch's statistics (``count`` values per
-        channel) to the float64 accumulator and write the estimate into the running buffers."""
-        if self.guard_nonfinite and not bool(
-            torch.isfinite(mean).all() & torch.isfinite(var).all()
-        ):
-            if int(self.nonfinite_skips) == 0:
-                warnings.warn(nonfinite_message(self._where()), UserWarning, stacklevel=4)
-            self.nonfinite_skips.add_(1)
-            return
-        self._population.update(mean, var, count)
-        est_mean, est_var = self._population.paper()
-        self.running_mean.copy_(est_mean)
-        self.running_var.copy_(est_var)
-        self.num_batches_tracked.add_(1)
+    def _finite_or_skip(self, mean: Tensor, var: Tensor) -> bool:
+        """The non-finite guard for updates made in Python: False (counted, and warned about the
+        first time) when the guard is on and the statistics are not finite."""
+        if not self.guard_nonfinite or bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
+            return True
+        if int(self.nonfinite_skips) == 0:
+            warnings.warn(nonfinite_message(self._where()), UserWarning, stacklevel=5)
+        self.nonfinite_skips.add_(1)
+        return False
 
+    @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var: Tensor, count: int) -> None:
-        """Update the running buffers from statistics computed elsewhere (e.g. merged across
-        processes) with the layer's rule and guard; the fused path does this inside its kernel."""
-        if self._population_mode:
-            self._record_population(mean, var, count)
+        """Update the running buffers from statistics computed outside the fused kernel (merged
+        across processes, population mode, deferred micro-batches) with the layer's rule and
+        guard; ``var`` is the biased variance over ``count`` values per channel."""
+        if getattr(self, "_deferred", None) is not None:  # accumulate_statistics is active
+            if self._finite_or_skip(mean, var):
+                self._deferred.update(mean, var, count)
+            return
+        if self._population_mode:  # Alg. 2 lines 9-10, float64
+            if self._finite_or_skip(mean, var):
+                self._population.update(mean, var, count)
+                est_mean, est_var = self._population.paper()
+                self.running_mean.copy_(est_mean)
+                self.running_var.copy_(est_var)
+                self.num_batches_tracked.add_(1)
             return
         # Read a CPU counter only: reading a CUDA one would synchronize every step.
         before = int(self.nonfinite_skips) if self.guard_nonfinite and mean.is_cpu else None

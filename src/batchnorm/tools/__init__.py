@@ -8,12 +8,18 @@
   probe input; the algebra as functions on tensors (:func:`bn_scale_shift`,
   :func:`fold_bn_into_layer`, :func:`fold_bn_into_next_layer`) and on module pairs
   (:func:`fold_modules`).
+- :func:`accumulate_statistics`: with gradient accumulation, one running-statistics update per
+  effective batch instead of one per micro-batch.
+- :func:`diagnose`: per-layer health in eval mode — running statistics against the data reaching
+  each layer, dead channels, collapsed γ, non-finite state — with advice.
 - :func:`convert`: swap torch's BN layers for ours and back; :func:`convert_sync` /
   :func:`convert_from_sync`: to :class:`~batchnorm.nn.SyncBatchNorm` and back.
 """
 
 from ._graph import ModelTraceError
+from .accumulate import accumulate_statistics
 from .convert import bn_layers, convert, name_layers
+from .diagnose import BNHealthReport, LayerHealth, diagnose
 from .folding import (
     ChannelAffine,
     FoldResult,
@@ -39,21 +45,25 @@ from .sync import convert_from_sync, convert_sync
 __all__ = [
     "LAYERS",
     "NONLINEARITIES",
+    "BNHealthReport",
     "ChannelAffine",
     "FoldResult",
     "FrozenBatchNorm",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
+    "LayerHealth",
     "LayerRecalibration",
     "ModelTraceError",
     "RecalibrationReport",
+    "accumulate_statistics",
     "add_batchnorm",
     "bn_layers",
     "bn_scale_shift",
     "convert",
     "convert_from_sync",
     "convert_sync",
+    "diagnose",
     "fold",
     "fold_bn_into_layer",
     "fold_bn_into_next_layer",
