@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 # What --quick changes: a short run for CI and a first look (about half a minute).
@@ -42,12 +46,57 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+@contextlib.contextmanager
+def _processes() -> Iterator[tuple[int, int]]:
+    """``(rank, world size)`` of this process; under ``torchrun`` (``WORLD_SIZE`` > 1) it joins
+    the process group (gloo: the experiments train on the CPU) for the body, and leaves it after."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        yield 0, 1
+        return
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=timedelta(minutes=30))
+    try:
+        yield dist.get_rank(), world
+    finally:
+        dist.destroy_process_group()
+
+
+def _load_data(name: str, args: argparse.Namespace, rank: int, world: int):
+    """The data set, loaded (or downloaded) by rank 0 first, then by the other ranks from where
+    rank 0 found it; every rank raises rank 0's error."""
+    from . import data
+
+    if world == 1:
+        return data.load(name, args.data_dir, download=not args.no_download)
+    import torch.distributed as dist
+
+    box: list = [None]
+    if rank == 0:
+        try:
+            dataset = data.load(name, args.data_dir, download=not args.no_download)
+            box = [str(dataset.source)]
+        except data.DataError as exc:
+            box = [exc]
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return dataset if rank == 0 else data.load(name, box[0], download=False)
+
+
 def _reproduce_mnist(args: argparse.Namespace) -> int:
+    with _processes() as (rank, world):
+        return _reproduce_mnist_ranks(args, rank, world)
+
+
+def _reproduce_mnist_ranks(args: argparse.Namespace, rank: int, world: int) -> int:
     from . import data
     from .experiments import mnist
     from .reporting import mnist as report
 
-    base = mnist.MnistConfig()
+    say = print if rank == 0 else _quiet
+    base = mnist.MnistConfig(processes=world, bn_sync=args.bn == "sync")
     overrides = dict(QUICK) if args.quick else {}
     for name in (
         "steps",
@@ -70,34 +119,50 @@ def _reproduce_mnist(args: argparse.Namespace) -> int:
             seeds=args.seeds or (),
         )
     except ValueError as exc:
-        print(f"batchnorm reproduce mnist: {exc}", file=sys.stderr)
+        say(f"batchnorm reproduce mnist: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out or ("runs/mnist-quick" if args.quick else "runs/mnist"))
+    out = Path(args.out or _default_out("mnist", args.quick, world, args.bn))
     try:
-        dataset = data.load(base.dataset, args.data_dir, download=not args.no_download)
+        dataset = _load_data(base.dataset, args, rank, world)
     except data.DataError as exc:
-        print(f"batchnorm reproduce mnist: {exc}", file=sys.stderr)
+        say(f"batchnorm reproduce mnist: {exc}", file=sys.stderr)
         return 1
     prepared = mnist.prepare_data(dataset, base.binarize_threshold)
-    print(f"data: {dataset.name} from {dataset.source}; {len(configs)} run(s) into {out}")
+    say(f"data: {dataset.name} from {dataset.source}; {len(configs)} run(s) into {out}")
+    if world > 1:
+        say(f"{world} processes, BN statistics {args.bn}; rank 0 writes")
     current = None
     try:
         for cfg in configs:
             current = out / mnist.run_name(cfg)
-            mnist.run(cfg, current, prepared, progress=not args.no_progress)
-            report.write_run_report(report.load_run(current))
+            mnist.run(cfg, current, prepared, progress=not args.no_progress and rank == 0)
+            if rank == 0:
+                report.write_run_report(report.load_run(current))
     except mnist.RunError as exc:
-        print(f"batchnorm reproduce mnist: {exc}", file=sys.stderr)
+        say(f"batchnorm reproduce mnist: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(
+        say(
             f"\ninterrupted; {current} keeps its last checkpoint. Run the same command to resume.",
             file=sys.stderr,
         )
         return 130
-    path = report.write_sweep_report(out, report.find_runs(out))
-    print(f"report: {path}")
+    if rank == 0:
+        path = report.write_sweep_report(out, report.find_runs(out))
+        print(f"report: {path}")
     return 0
+
+
+def _quiet(*args: object, **kwargs: object) -> None:
+    """``print`` on ranks other than 0: they say nothing."""
+
+
+def _default_out(experiment: str, quick: bool, world: int, bn: str) -> str:
+    """runs/<experiment>[-quick][-<N>proc-<bn>]: a data-parallel run gets its own folder."""
+    suffix = "-quick" if quick else ""
+    if world > 1:
+        suffix += f"-{world}proc-{bn}"
+    return f"runs/{experiment}{suffix}"
 
 
 def _networks(text: str) -> list[str]:
@@ -189,6 +254,18 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bn_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bn",
+        choices=["sync", "per-rank"],
+        default="sync",
+        help="under torchrun --nproc-per-node N: BN statistics over the whole global batch "
+        "(sync, the default: the same normalization as one process) or over each process's "
+        "slice of it (per-rank). The global batch and data order are those of a single-process "
+        "run either way.",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchnorm",
@@ -275,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"a short run: {QUICK['steps']} steps, evaluated every {QUICK['eval_every']}",
     )
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _bn_argument(m)
     m.set_defaults(func=_reproduce_mnist)
 
     from .experiments.convnet import MAIN, NETWORKS, ConvnetConfig

@@ -100,7 +100,7 @@ class Recipe:
     """
 
     lr: float = 0.02  # initial learning rate of SGD with momentum
-    lr_half_life: float = 3000.0  # steps in which the learning rate halves (exponential decay)
+    lr_half_life: float = 2000.0  # steps in which the learning rate halves (exponential decay)
     momentum: float = 0.9  # SGD momentum (the paper: "SGD with momentum", value not given)
     weight_decay: float = 5e-4  # L2 weight decay, added to the gradient of every parameter
     dropout: float = 0.4  # Dropout before the classifier (GoogLeNet's 0.4)
@@ -221,7 +221,7 @@ class ConvnetConfig:
     network: str = "baseline"  # a key of NETWORKS
     seed: int = 0  # initial weights, data order, augmentation, Dropout, population batches
     dataset: str = "fashion-mnist"
-    steps: int = 15_000  # SGD steps (the same budget for every network)
+    steps: int = 10_000  # SGD steps (the same budget for every network)
     batch_size: int = 32  # the paper's mini-batch size
     eval_every: int = 500  # steps between evaluations (a quarter of it in the first 4×)
     population_every: int = 2_000  # steps between Alg. 2 population evaluations (BN networks)

@@ -23,6 +23,12 @@ The experiment (arXiv:1502.03167, Sec. 4.1), and the choices the paper leaves op
   (the BN network with population statistics). ``probe_unit`` is the unit drawn in the figure;
   every unit's percentiles are recorded too.
 
+Data-parallel (``torchrun --nproc-per-node N``, :class:`~.runs.Ranks`): every step's global batch
+of 60 is split into contiguous slices, one per process, the two networks are wrapped in
+``DistributedDataParallel``, and the BN network's statistics are synchronized over the processes
+(``bn_sync``, the default: the same normalization as one process) or per process. Only rank 0
+evaluates and writes.
+
 Runs survive interruption: after each evaluation the models, optimizers, RNG state and the metrics
 so far are checkpointed atomically, and the same command resumes from there and produces the same
 metrics as an uninterrupted run (timing fields, whose names end in ``_s``, aside).
@@ -30,7 +36,6 @@ metrics as an uninterrupted run (timing fields, whose names end in ``_s``, aside
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import os
@@ -46,7 +51,7 @@ from torch import Tensor, nn
 from .. import data
 from .._atomic import write_text
 from ..nn import BatchNorm1d
-from ..tools import name_layers, recalibrate
+from ..tools import name_layers
 from . import runs
 from .runs import (
     CHECKPOINT,
@@ -55,6 +60,7 @@ from .runs import (
     RunConfigMismatchError,
     RunError,
     load_records,
+    population_copy,
 )
 
 __all__ = [
@@ -104,6 +110,11 @@ class MnistConfig:
     # slower (benchmarks/README.md); one thread is predictable. Part of the config because matmul
     # results may differ in the last bit between thread counts, and a resumed run must match.
     threads: int = 1
+    # Data-parallel runs (torchrun): the number of processes, and whether BN statistics are
+    # synchronized over them (else each process normalizes its slice of the batch). Saved only
+    # when processes > 1, so a single-process config.json is what it always was.
+    processes: int = 1
+    bn_sync: bool = True
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> ValueError:
@@ -116,6 +127,7 @@ class MnistConfig:
             "population_batches",
             "probe_examples",
             "threads",
+            "processes",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -136,10 +148,14 @@ class MnistConfig:
             raise bad(f"binarize_threshold must be in 1..255, got {self.binarize_threshold}")
         if self.dataset not in DATASETS:
             raise bad(f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        if self.processes > self.batch_size:
+            raise bad(f"{self.processes} processes cannot share a batch of {self.batch_size}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["hidden"] = list(self.hidden)
+        if self.processes == 1:
+            del d["processes"], d["bn_sync"]
         return d
 
 
@@ -213,19 +229,6 @@ def _sigmoid_input(model: nn.Sequential, x: Tensor) -> Tensor:
     return model[:last](x)
 
 
-def population_copy(model: nn.Module, batches: Iterable[Tensor]) -> nn.Module:
-    """A copy of ``model`` in eval mode whose BN layers hold the population statistics of Alg. 2.
-
-    :func:`batchnorm.tools.recalibrate` with the paper's estimator runs ``batches`` through the copy
-    in training mode without gradients (each layer sees inputs produced by the layers below in
-    training mode, as in the paper's N_BN^tr) and sets E[x] = E_B[μ_B] and Var[x] =
-    m/(m−1)·E_B[σ²_B] (Alg. 2 lines 9–10). The original model is untouched.
-    """
-    pop = copy.deepcopy(model)
-    recalibrate(pop, batches, "paper")
-    return pop.eval()
-
-
 # -- one run ------------------------------------------------------------------------------------
 
 
@@ -239,6 +242,7 @@ class _Net:
     name: str
     model: nn.Sequential
     opt: torch.optim.SGD
+    train: nn.Module | None = None  # what is trained: the model, or DDP around it
     loss_sum: Tensor = field(default_factory=lambda: torch.zeros(()))  # since the last evaluation
     train_s: float = 0.0  # seconds spent in this network's SGD steps, over all sessions
 
@@ -329,6 +333,11 @@ def run(
     these files by :mod:`batchnorm.reporting.mnist`.
     """
     run_dir = Path(run_dir)
+    if runs.Ranks().world != cfg.processes:
+        raise ValueError(
+            f"the config is for {cfg.processes} process(es), but this run has "
+            f"{runs.Ranks().world}; start it with torchrun --nproc-per-node {cfg.processes}"
+        )
     if d.name != cfg.dataset or d.threshold != cfg.binarize_threshold:
         raise ValueError(
             f"the data were prepared for {d.name!r} with threshold {d.threshold}, but the config asks "
@@ -355,6 +364,7 @@ def _run(
         for name, model in (("plain", build_mlp(cfg, bn=False)), ("bn", build_mlp(cfg, bn=True)))
     )
     torch.manual_seed(cfg.seed)  # nothing draws from it today; saved and restored all the same
+    ranks = runs.Ranks()
 
     ckpt_path = run_dir / CHECKPOINT
     records: list[dict] = []
@@ -368,17 +378,24 @@ def _run(
         torch.set_rng_state(state["rng_torch"])
         records = state["metrics"]
         start_step = state["step"]
-        runs.write_metrics(run_dir, records)  # metrics written after the checkpoint may be newer
+        if ranks.writer:  # metrics written after the checkpoint may be newer
+            runs.write_metrics(run_dir, records)
+    ranks.barrier()  # every rank has read the checkpoint before rank 0 writes the next one
     if start_step >= cfg.steps:
-        echo(f"{run_dir}: already complete ({cfg.steps} steps)")
-        _write_sensitivity(run_dir, cfg, d, bn.model)
+        if ranks.writer:
+            echo(f"{run_dir}: already complete ({cfg.steps} steps)")
+            _write_sensitivity(run_dir, cfg, d, bn.model)
+        return run_dir
+    for net in (plain, bn):
+        net.train = ranks.wrap(net.model, sync_bn=cfg.bn_sync)
+    if not ranks.writer:
+        _follow(cfg, d, ranks, plain, bn, start_step)
         return run_dir
     runs.start_session(run_dir, seed=cfg.seed, resumed_from=start_step, source=d.source)
     if start_step:
         echo(f"{run_dir}: resuming at step {start_step} of {cfg.steps}")
 
     tb = runs.tensorboard(run_dir, start_step)
-    order = DataOrder(len(d.x_train), cfg.batch_size, cfg.seed)
     bar = runs.progress_bar(cfg.steps, start_step, run_name(cfg)) if progress else None
 
     def checkpoint(step: int, rec: dict) -> None:
@@ -402,18 +419,7 @@ def _run(
         if start_step == 0:
             checkpoint(0, _evaluate(cfg, d, 0, plain, bn, 0))
         last_eval = start_step
-        for step in range(start_step + 1, cfg.steps + 1):
-            idx = order.indices(step)
-            # index_select: the same rows as x[idx], in a quarter of the time (benchmarks/)
-            x, y = d.x_train.index_select(0, idx), d.y_train.index_select(0, idx)
-            for net in (plain, bn):
-                t0 = time.perf_counter()
-                loss = F.cross_entropy(net.model(x), y)
-                net.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                net.opt.step()
-                net.loss_sum += loss.detach()
-                net.train_s += time.perf_counter() - t0
+        for step in _train(cfg, d, ranks, plain, bn, start_step):
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 rec = _evaluate(cfg, d, step, plain, bn, step - last_eval)
                 rec["train_plain_s"], rec["train_bn_s"] = plain.train_s, bn.train_s
@@ -436,6 +442,48 @@ def _run(
 
     _write_sensitivity(run_dir, cfg, d, bn.model)
     return run_dir
+
+
+def _train(
+    cfg: MnistConfig, d: MnistData, ranks: runs.Ranks, plain: _Net, bn: _Net, start_step: int
+) -> Iterable[int]:
+    """Train both networks from ``start_step``, yielding after every step.
+
+    At each evaluation step the training losses are first summed over the ranks (every rank must
+    take part), then rank 0's caller evaluates while the others wait at the barrier.
+    """
+    order = DataOrder(len(d.x_train), cfg.batch_size, cfg.seed)
+    for step in range(start_step + 1, cfg.steps + 1):
+        idx = order.indices(step)
+        # index_select: the same rows as x[idx], in a quarter of the time (benchmarks/)
+        x, y = d.x_train.index_select(0, idx), d.y_train.index_select(0, idx)
+        x, y = ranks.local(x), ranks.local(y)
+        for net in (plain, bn):
+            t0 = time.perf_counter()
+            loss = ranks.loss(net.train(x), y, len(idx))
+            net.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            net.opt.step()
+            net.loss_sum += loss.detach()
+            net.train_s += time.perf_counter() - t0
+        evaluate = step % cfg.eval_every == 0 or step == cfg.steps
+        if evaluate and ranks.world > 1:
+            totals = ranks.sum([float(net.loss_sum) for net in (plain, bn)])
+            for net, total in zip((plain, bn), totals, strict=True):
+                net.loss_sum.fill_(total / ranks.world)  # each rank's share was scaled by world
+        yield step
+        if evaluate:
+            for net in (plain, bn):
+                net.loss_sum.zero_()  # rank 0's evaluation has reported it; the others' too
+            ranks.barrier()
+
+
+def _follow(
+    cfg: MnistConfig, d: MnistData, ranks: runs.Ranks, plain: _Net, bn: _Net, start_step: int
+) -> None:
+    """A rank other than 0: train its share, write nothing."""
+    for _ in _train(cfg, d, ranks, plain, bn, start_step):
+        pass
 
 
 def _write_sensitivity(run_dir: Path, cfg: MnistConfig, d: MnistData, bn_model: nn.Module) -> None:

@@ -19,6 +19,11 @@ Data order and randomness: :class:`DataOrder` makes the *global* mini-batch of e
 function of ``(seed, step)``, and :func:`derive_seed` gives independent seeds for every other
 random choice, so a resumed run repeats exactly what an uninterrupted one does, and a
 data-parallel run can take its rank's slice of the same global batch.
+
+Data-parallel runs (:class:`Ranks`): under ``torchrun`` every process trains its slice of each
+global batch, ``DistributedDataParallel`` averages the gradients, and only rank 0 touches the run
+folder (lock, config, metrics, checkpoints, TensorBoard, reports); every rank reads the checkpoint
+to resume.
 """
 
 from __future__ import annotations
@@ -42,16 +47,20 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch import Tensor
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from .. import __version__
 from .._atomic import atomic_path, write_text
 from ..functional import kernels
+from ..tools import convert_from_sync, convert_sync, recalibrate
 
 __all__ = [
     "CHECKPOINT",
     "CheckpointError",
     "DataOrder",
+    "Ranks",
     "RunConfigMismatchError",
     "RunError",
     "derive_seed",
@@ -59,6 +68,7 @@ __all__ = [
     "load_records",
     "log_scalars",
     "open_run",
+    "population_copy",
     "progress_bar",
     "run_parallel",
     "save_checkpoint",
@@ -145,6 +155,97 @@ class DataOrder:
         return self._perm[pos * self.batch_size : (pos + 1) * self.batch_size]
 
 
+# -- data-parallel runs ---------------------------------------------------------------------------
+
+
+class Ranks:
+    """This process's place in a data-parallel run under ``torchrun`` (rank 0 of 1 otherwise).
+
+    Started by ``torchrun --nproc-per-node N``, with the process group initialized, every rank
+    trains on its contiguous slice of the *same* global batch (:meth:`local`), the models are
+    wrapped in ``DistributedDataParallel`` (:meth:`wrap`), and the loss is scaled so that DDP's
+    gradient average equals the gradient of the mean loss over the global batch, even when the
+    batch does not split evenly (:meth:`loss`). BN statistics are either synchronized over the
+    ranks (:class:`~batchnorm.nn.SyncBatchNorm`: each layer normalizes with the statistics of
+    the whole global batch, as in a single process) or per rank (each normalizes its own slice;
+    DDP broadcasts rank 0's running statistics to the others before every forward). Only rank 0
+    writes (:attr:`writer`). In a plain run every method is the identity and nothing
+    communicates, so single-process results do not change by a bit.
+    """
+
+    def __init__(self) -> None:
+        on = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if on else 0
+        self.world = dist.get_world_size() if on else 1
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes the run folder (rank 0)."""
+        return self.rank == 0
+
+    def local(self, batch: Tensor) -> Tensor:
+        """This rank's contiguous slice of a global batch (the first ranks get one more row
+        when it does not split evenly)."""
+        return batch if self.world == 1 else batch.tensor_split(self.world)[self.rank]
+
+    def wrap(self, model: nn.Module, *, sync_bn: bool) -> nn.Module:
+        """The module to train: ``model`` itself, or (distributed) ``DistributedDataParallel``
+        around it, its BN layers first turned into SyncBatchNorm *in place* if ``sync_bn``
+        (so ``model`` keeps its parameters, buffers and ``state_dict`` keys)."""
+        if self.world == 1:
+            return model
+        if sync_bn:
+            convert_sync(model, inplace=True)
+        return nn.parallel.DistributedDataParallel(model)
+
+    def loss(self, logits: Tensor, y: Tensor, global_batch: int) -> Tensor:
+        """Cross-entropy of this rank's slice, scaled so that DDP's average over ranks of its
+        gradient is the gradient of the mean loss over the global batch."""
+        if self.world == 1:
+            return F.cross_entropy(logits, y)
+        return F.cross_entropy(logits, y, reduction="sum") * (self.world / global_batch)
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """``values`` summed over the ranks (float64, one all-reduce)."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def agree(self, failure: RunError | None) -> None:
+        """Raise rank 0's ``failure`` there, and a :class:`RunError` with its message on the
+        other ranks (which wait for it: one broadcast)."""
+        message = None if failure is None else str(failure)
+        if self.world > 1:
+            box = [message]
+            dist.broadcast_object_list(box, src=0)
+            message = box[0]
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise RunError(message)
+
+
+def population_copy(model: nn.Module, batches: Sequence[Tensor]) -> nn.Module:
+    """A copy of ``model`` in eval mode whose BN layers hold the population statistics of Alg. 2.
+
+    :func:`batchnorm.tools.recalibrate` with the paper's estimator runs ``batches`` through the copy
+    in training mode without gradients (each layer sees inputs produced by the layers below in
+    training mode, as in the paper's N_BN^tr) and sets E[x] = E_B[μ_B] and Var[x] =
+    m/(m−1)·E_B[σ²_B] (Alg. 2 lines 9–10). The original model is untouched. The pass runs in
+    this process alone (SyncBatchNorm layers become plain ones in the copy): in a data-parallel
+    run, rank 0 evaluates.
+    """
+    pop = convert_from_sync(model)
+    recalibrate(pop, batches, "paper", sync=False)
+    return pop.eval()
+
+
 # -- environment ----------------------------------------------------------------------------------
 
 
@@ -221,16 +322,25 @@ def open_run(run_dir: str | os.PathLike, config: Mapping, *, threads: int) -> It
     Creates the folder, takes its lock (:class:`RunError` if another process trains it), refuses a
     folder whose saved config differs from ``config`` (:class:`RunConfigMismatchError`, listing
     every difference; nothing is written), removes temporary files that a hard kill left behind,
-    and runs the body with ``threads`` intra-op threads (restored afterwards).
+    and runs the body with ``threads`` intra-op threads (restored afterwards). In a data-parallel
+    run only rank 0 does all this; the others wait for its verdict and share its error.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(run_dir):
-        _check_or_write_config(run_dir, dict(config))
-        # A run killed hard (SIGKILL, power loss) in the middle of an atomic write leaves its
-        # temporary file behind; the lock guarantees no other process is writing one now.
-        for part in run_dir.glob(".*.part"):
-            part.unlink()
+    ranks = Ranks()
+    with contextlib.ExitStack() as stack:
+        failure = None
+        if ranks.writer:
+            try:
+                stack.enter_context(_exclusive(run_dir))
+                _check_or_write_config(run_dir, dict(config))
+            except RunError as exc:
+                failure = exc
+            else:
+                # A run killed hard (SIGKILL, power loss) in the middle of an atomic write leaves
+                # its temporary file behind; the lock guarantees no other process writes one now.
+                for part in run_dir.glob(".*.part"):
+                    part.unlink()
+        ranks.agree(failure)  # the other ranks wait for rank 0's check, and fail with it
         old = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
@@ -245,6 +355,7 @@ def _exclusive(run_dir: Path) -> Iterator[None]:
 
     The operating system drops the lock when the process dies, however it dies.
     """
+    run_dir.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # not on POSIX: no lock, and the user must not start a run twice
