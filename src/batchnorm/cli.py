@@ -183,14 +183,20 @@ def _networks(text: str) -> list[str]:
 
 
 def _reproduce_convnet(args: argparse.Namespace) -> int:
+    with _processes() as (rank, world):
+        return _reproduce_convnet_ranks(args, rank, world)
+
+
+def _reproduce_convnet_ranks(args: argparse.Namespace, rank: int, world: int) -> int:
     from dataclasses import fields
 
     from . import data
     from .experiments import convnet
     from .reporting import convnet as report
 
+    say = print if rank == 0 else _quiet
     try:
-        base = convnet.ConvnetConfig()
+        base = convnet.ConvnetConfig(processes=world, bn_sync=args.bn == "sync")
         if args.quick:
             base = convnet.quick(base)
         top = {f.name for f in fields(convnet.ConvnetConfig)}
@@ -207,35 +213,49 @@ def _reproduce_convnet(args: argparse.Namespace) -> int:
             for seed in args.seeds or [base.seed]
         ]
     except ValueError as exc:
-        print(f"batchnorm reproduce convnet: {exc}", file=sys.stderr)
+        say(f"batchnorm reproduce convnet: {exc}", file=sys.stderr)
         return 2
-    if args.jobs < 1:
-        print("batchnorm reproduce convnet: --jobs must be at least 1", file=sys.stderr)
+    if args.jobs < 1 or (world > 1 and args.jobs > 1):
+        say(
+            "batchnorm reproduce convnet: --jobs must be at least 1, and 1 under torchrun (the "
+            "processes share each run)",
+            file=sys.stderr,
+        )
         return 2
-    out = Path(args.out or ("runs/convnet-quick" if args.quick else "runs/convnet"))
+    out = Path(args.out or _default_out("convnet", args.quick, world, args.bn))
     try:
-        dataset = data.load(base.dataset, args.data_dir, download=not args.no_download)
+        dataset = _load_data(base.dataset, args, rank, world)
     except data.DataError as exc:
-        print(f"batchnorm reproduce convnet: {exc}", file=sys.stderr)
+        say(f"batchnorm reproduce convnet: {exc}", file=sys.stderr)
         return 1
-    print(
+    say(
         f"data: {dataset.name} from {dataset.source}; {len(configs)} run(s) into {out}, "
         f"{min(args.jobs, len(configs))} at a time"
     )
+    if world > 1:
+        say(f"{world} processes, BN statistics {args.bn}; rank 0 writes")
     try:
-        convnet.run_study(configs, out, dataset, jobs=args.jobs, progress=not args.no_progress)
+        convnet.run_study(
+            configs,
+            out,
+            dataset,
+            jobs=args.jobs,
+            progress=not args.no_progress and rank == 0,
+            echo=say,
+        )
     except convnet.RunError as exc:
-        print(f"batchnorm reproduce convnet: {exc}", file=sys.stderr)
+        say(f"batchnorm reproduce convnet: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(
+        say(
             f"\ninterrupted; every run in {out} keeps its last checkpoint. Run the same command "
             "to resume.",
             file=sys.stderr,
         )
         return 130
-    path = report.write_report(out)
-    print(f"report: {path}")
+    if rank == 0:
+        path = report.write_report(out)
+        print(f"report: {path}")
     return 0
 
 
@@ -439,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"evaluated on {CQ['test_examples']} test images",
     )
     cv.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _bn_argument(cv)
     cv.set_defaults(func=_reproduce_convnet)
 
     r = sub.add_parser(

@@ -47,7 +47,6 @@ can slice the same global batch per rank.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
@@ -60,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import data
-from ..tools import add_batchnorm, name_layers, recalibrate
+from ..tools import add_batchnorm, name_layers
 from . import runs
 from .runs import RunError
 
@@ -238,6 +237,11 @@ class ConvnetConfig:
     # predictable on a shared machine, and part of the config because results may differ in the
     # last bit between thread counts (a resumed run must repeat the same arithmetic).
     threads: int = 1
+    # Data-parallel runs (torchrun): the number of processes, and whether BN statistics are
+    # synchronized over them (else each process normalizes its slice of the batch). Saved only
+    # when processes > 1, so a single-process config.json is what it always was.
+    processes: int = 1
+    bn_sync: bool = True
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> ValueError:
@@ -254,12 +258,15 @@ class ConvnetConfig:
             "population_every",
             "population_batches",
             "threads",
+            "processes",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise bad(f"{name} must be a positive integer, got {value!r}")
         if self.batch_size < 2:
             raise bad(f"batch_size must be at least 2 (BN needs m > 1), got {self.batch_size}")
+        if self.processes > self.batch_size:
+            raise bad(f"{self.processes} processes cannot share a batch of {self.batch_size}")
         if self.test_examples is not None and (
             not isinstance(self.test_examples, int) or self.test_examples < 1
         ):
@@ -289,6 +296,8 @@ class ConvnetConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["recipe"] = asdict(self.recipe)  # derived; saved so the files say what was trained
+        if self.processes == 1:
+            del d["processes"], d["bn_sync"]
         return d
 
 
@@ -591,9 +600,7 @@ def _evaluate(cfg: ConvnetConfig, d: ConvnetData, model: nn.Module, step: int) -
     finally:
         model.train()
     if cfg.net.bn and (step % cfg.population_every == 0 or step == cfg.steps):
-        pop = copy.deepcopy(model)
-        recalibrate(pop, _population_batches(cfg, d, step), "paper")
-        pop.eval()
+        pop = runs.population_copy(model, _population_batches(cfg, d, step))
         rec["test_acc_population"], rec["test_loss_population"] = _accuracy_and_loss(pop, x, y)
     rec["eval_s"] = time.perf_counter() - start
     return rec
@@ -624,6 +631,11 @@ def run(
     (False), or a function called with the current step every 50 steps and once at the start.
     """
     run_dir = Path(run_dir)
+    if runs.Ranks().world != cfg.processes:
+        raise ValueError(
+            f"the config is for {cfg.processes} process(es), but this run has "
+            f"{runs.Ranks().world}; start it with torchrun --nproc-per-node {cfg.processes}"
+        )
     if d.name != cfg.dataset:
         raise ValueError(f"the data are {d.name!r}, but the config asks for {cfg.dataset!r}")
     if cfg.population_batches * cfg.batch_size > len(d.x_train):
@@ -647,6 +659,7 @@ def _run(
     echo: Callable[[str], None],
 ) -> Path:
     recipe = cfg.recipe
+    ranks = runs.Ranks()
     model = build_network(cfg, in_channels=d.in_channels, classes=d.classes)
     opt = torch.optim.SGD(
         model.parameters(),
@@ -663,16 +676,23 @@ def _run(
         opt.load_state_dict(state["optimizer"])
         records, start_step = state["metrics"], state["step"]
         train_s, diverged = state["train_s"], state["diverged"]
-        runs.write_metrics(run_dir, records)  # metrics written after the checkpoint may be newer
+        if ranks.writer:  # metrics written after the checkpoint may be newer
+            runs.write_metrics(run_dir, records)
+    ranks.barrier()  # every rank has read the checkpoint before rank 0 writes the next one
     if start_step >= cfg.steps or diverged:
         how = f"diverged at step {diverged['step']}" if diverged else f"{cfg.steps} steps"
-        echo(f"{run_dir}: already complete ({how})")
+        if ranks.writer:
+            echo(f"{run_dir}: already complete ({how})")
         return run_dir
-    runs.start_session(run_dir, seed=cfg.seed, resumed_from=start_step, source=d.source)
-    if start_step:
-        echo(f"{run_dir}: resuming at step {start_step} of {cfg.steps}")
-
-    tb = runs.tensorboard(run_dir, start_step)
+    trained = ranks.wrap(model, sync_bn=cfg.bn_sync)  # the model itself, or DDP around it
+    tb = None
+    if ranks.writer:
+        runs.start_session(run_dir, seed=cfg.seed, resumed_from=start_step, source=d.source)
+        if start_step:
+            echo(f"{run_dir}: resuming at step {start_step} of {cfg.steps}")
+        tb = runs.tensorboard(run_dir, start_step)
+    else:
+        progress = False
     order = runs.DataOrder(len(d.x_train), cfg.batch_size, cfg.seed, shuffle=recipe.shuffle)
     bar = runs.progress_bar(cfg.steps, start_step, run_name(cfg)) if progress is True else None
     report = progress if callable(progress) else None
@@ -683,6 +703,8 @@ def _run(
     skips = [b for name, b in model.named_buffers() if name.endswith("nonfinite_skips")]
 
     def checkpoint(step: int, rec: dict) -> None:
+        if not ranks.writer:
+            return
         records.append(rec)
         runs.log_scalars(tb, rec, step)
         runs.save_checkpoint(
@@ -713,7 +735,7 @@ def _run(
         return rec
 
     try:
-        if start_step == 0:
+        if start_step == 0 and ranks.writer:
             parameters = sum(p.numel() for p in model.parameters())
             checkpoint(
                 0,
@@ -730,15 +752,20 @@ def _run(
                 group["lr"] = recipe.lr_at(step)
             idx = order.indices(step)
             gen = torch.Generator().manual_seed(runs.derive_seed(cfg.seed, "augment", step))
+            # the global batch, augmented as in one process; then this rank's slice of it
             x, y = make_batch(d, idx, recipe, gen), d.y_train.index_select(0, idx)
+            x, y = ranks.local(x), ranks.local(y)
             torch.manual_seed(runs.derive_seed(cfg.seed, "dropout", step))
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            value = loss.item()
+            logits = trained(x)
+            loss = ranks.loss(logits, y, len(idx))
+            value, overflowed = loss.item(), _overflowed(skips)
+            if ranks.world > 1:  # the mean loss of the global batch; every rank stops together
+                total, flags = ranks.sum([value, float(overflowed)])
+                value, overflowed = total / ranks.world, flags > 0
             if not math.isfinite(value) or value > cfg.divergence_loss:
                 diverged = {"step": step, "reason": f"training loss {value:.4g}"}
                 break
-            if _overflowed(skips):
+            if overflowed:
                 diverged = {"step": step, "reason": "a BN layer's batch statistics overflowed"}
                 break
             opt.zero_grad(set_to_none=True)
@@ -747,15 +774,21 @@ def _run(
             if not _params_finite(model):
                 diverged = {"step": step, "reason": "a weight is not finite after the update"}
                 break
-            loss_sum += value * len(y)
+            loss_sum += value * len(idx)
             correct += float((logits.detach().argmax(1) == y).sum())
-            seen += len(y)
+            seen += len(idx)
             train_s += time.perf_counter() - t0
             if step in evals:
-                rec = {**record(step), **_evaluate(cfg, d, model, step), "train_s": train_s}
-                checkpoint(step, rec)
-                if bar is not None:
-                    bar.set_postfix(test_acc=f"{rec['test_acc']:.4f}", refresh=False)
+                if ranks.world > 1:
+                    (correct,) = ranks.sum([correct])  # this rank's count, summed over ranks
+                if ranks.writer:
+                    rec = {**record(step), **_evaluate(cfg, d, model, step), "train_s": train_s}
+                    checkpoint(step, rec)
+                    if bar is not None:
+                        bar.set_postfix(test_acc=f"{rec['test_acc']:.4f}", refresh=False)
+                else:
+                    record(step)  # resets the counters
+                ranks.barrier()  # the other ranks wait while rank 0 evaluates
             if step % 50 == 0:
                 if bar is not None:
                     bar.update(step - bar.n)
@@ -767,7 +800,8 @@ def _run(
                 diverged["step"],
                 {**record(diverged["step"]), "diverged": diverged["reason"], "train_s": train_s},
             )
-            echo(f"{run_dir}: diverged at step {diverged['step']} ({diverged['reason']})")
+            if ranks.writer:
+                echo(f"{run_dir}: diverged at step {diverged['step']} ({diverged['reason']})")
         elif bar is not None:
             bar.update(cfg.steps - bar.n)
         if report is not None:
@@ -775,7 +809,8 @@ def _run(
     finally:
         if bar is not None:
             bar.close()
-        tb.close()
+        if tb is not None:
+            tb.close()
     return run_dir
 
 

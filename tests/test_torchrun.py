@@ -1,0 +1,149 @@
+"""The experiments under real ``torchrun`` (issue #6, part 3): 2 gloo processes on the CPU.
+
+What must hold: with synchronized BN statistics a 2-process MNIST run is the single-process run
+(same global batch and data order, the loss scaled so DDP's average is the global mean), even
+after the processes are killed mid-run and the same command resumes them; with per-rank
+statistics the BN network changes and the network without BN does not; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from batchnorm.cli import main
+from batchnorm.experiments import runs
+
+TIMEOUT = 300  # seconds for one torchrun; a hang fails the test instead of stalling CI
+ARGS = ["--steps", "1000", "--eval-every", "100", "--population-batches", "10", "--no-progress"]
+RUN = "lr0.5_std0.01_eps1e-05_seed0"
+
+
+def torchrun(args: list[str], cwd: Path, **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "error"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    return subprocess.Popen(
+        [*cmd, "-m", "batchnorm", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its workers in sessions of their own)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        for child in (task / "children").read_text().split():
+            found += [int(child), *descendants(int(child))]
+    return found
+
+
+def kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers at once: a machine that lost power, mid-step."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.communicate()
+
+
+def finish(proc: subprocess.Popen) -> str:
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        kill_all(proc)
+        pytest.fail(f"torchrun did not finish within {TIMEOUT} s")
+    assert proc.returncode == 0, out
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs_dir(data_root, tmp_path_factory) -> Path:
+    """One single-process run, one 2-process sync run killed mid-way and resumed, one per-rank."""
+    root = tmp_path_factory.mktemp("torchrun")
+    data = ["--data-dir", str(data_root / "mnist")]
+    assert main(["reproduce", "mnist", *ARGS, *data, "--out", str(root / "single")]) == 0
+
+    sync = ["reproduce", "mnist", *ARGS, *data, "--out", str(root / "sync")]
+    proc = torchrun(sync, root)
+    metrics = root / "sync" / RUN / "metrics.jsonl"
+    deadline = time.monotonic() + TIMEOUT
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.02)
+    kill_all(proc)
+    killed_at = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert killed_at < 1000, "the run ended before it could be interrupted"
+    out = finish(torchrun(sync, root))
+    resumed = re.search(r"resuming at step (\d+) of 1000", out)
+    assert resumed and killed_at <= int(resumed[1]) < 1000, out  # from the last checkpoint
+
+    per_rank = ["reproduce", "mnist", *ARGS, *data, "--bn", "per-rank"]
+    finish(torchrun([*per_rank, "--out", str(root / "per-rank")], root))
+    return root
+
+
+def records(folder: Path) -> list[dict]:
+    return runs.load_records(folder / RUN)
+
+
+def test_sync_bn_on_two_processes_is_the_single_process_run_even_after_a_kill(runs_dir):
+    one, two = records(runs_dir / "single"), records(runs_dir / "sync")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(0, 1001, 100))
+    for a, b in zip(one, two, strict=True):
+        for key in ("test_acc_plain", "test_acc_bn_population", "test_acc_bn_ema"):
+            assert b[key] == pytest.approx(a[key], abs=2e-3), (a["step"], key)
+        for key in ("train_loss_plain", "train_loss_bn", "test_loss_bn_population"):
+            if a[key] is not None:
+                assert b[key] == pytest.approx(a[key], rel=1e-3), (a["step"], key)
+    cfg = json.loads((runs_dir / "sync" / RUN / "config.json").read_text())["config"]
+    assert cfg["processes"] == 2 and cfg["bn_sync"] is True
+    single = json.loads((runs_dir / "single" / RUN / "config.json").read_text())["config"]
+    assert "processes" not in single  # single-process configs are what they always were
+    sessions = json.loads((runs_dir / "sync" / RUN / "env.json").read_text())["sessions"]
+    assert len(sessions) == 2 and sessions[1]["resumed_from_step"] > 0  # rank 0 only, twice
+
+
+def test_per_rank_statistics_change_the_bn_network_only(runs_dir):
+    sync, per_rank = records(runs_dir / "sync"), records(runs_dir / "per-rank")
+    for a, b in zip(sync, per_rank, strict=True):
+        if a["train_loss_plain"] is not None:
+            assert b["train_loss_plain"] == pytest.approx(a["train_loss_plain"], rel=1e-4)
+    # each process normalizes its 30 examples instead of the 60: a different network
+    diffs = [
+        abs(a["train_loss_bn"] - b["train_loss_bn"])
+        for a, b in zip(sync, per_rank, strict=True)
+        if a["train_loss_bn"] is not None
+    ]
+    assert max(diffs) > 1e-3
+    assert per_rank[-1]["test_acc_bn_population"] > 0.85  # and it still learns
+    cfg = json.loads((runs_dir / "per-rank" / RUN / "config.json").read_text())["config"]
+    assert cfg["bn_sync"] is False
+
+
+def test_a_resume_with_another_process_count_is_refused(runs_dir, data_root):
+    code = main(
+        [
+            "reproduce",
+            "mnist",
+            *ARGS,
+            "--data-dir",
+            str(data_root / "mnist"),
+            "--out",
+            str(runs_dir / "sync"),
+        ]
+    )
+    assert code == 1  # config mismatch: processes 2 saved, 1 now
