@@ -358,9 +358,14 @@ def test_quick_study_bn_x5_reaches_the_baseline_sooner_and_baseline_x5_fails(qui
     reached = fast.first_step_at(target)
     assert reached is not None and reached < base_step, (reached, base_step)
     assert fast.best[0] > target
-    # the control fails: it diverges, or it is flagged as stuck at chance
+    # the control fails: it diverges, is stuck at chance, or (in this short run, whose learning
+    # rate halves every 200 steps) ends far below the Baseline; the report says which
     control = study.of("baseline-x5")[0]
-    assert control.diverged or control.at_chance, control.records[-1]
+    assert control.diverged or control.at_chance or control.best[0] < target - report.FAR_BELOW, (
+        control.records[-1]
+    )
+    claim = next(v for c, _, v in report.verdicts(study) if c.startswith("The Baseline at 5×"))
+    assert claim == "reproduced" or claim.startswith("partly"), claim
     verdicts = {c: v for c, _, v in report.verdicts(study)}
     x5 = next(v for c, v in verdicts.items() if c.startswith("BN-x5 reaches"))
     assert x5 == "reproduced" or x5.startswith("partly (faster")

@@ -147,3 +147,20 @@ def test_a_resume_with_another_process_count_is_refused(runs_dir, data_root):
         ]
     )
     assert code == 1  # config mismatch: processes 2 saved, 1 now
+
+
+def test_convnet_with_sync_bn_on_two_processes_follows_the_single_process_run(data_root, tmp_path):
+    """BN-x5 (no Dropout): the same global batches, augmented alike, and the same SyncBN
+    normalization, so 2 processes track 1 to float32 rounding over the first steps."""
+    args = ["reproduce", "convnet", "--quick", "--networks", "bn-x5", "--steps", "4"]
+    args += ["--eval-every", "4", "--test-examples", "1000", "--no-progress"]
+    args += ["--data-dir", str(data_root / "fashion-mnist")]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    finish(torchrun([*args, "--out", str(tmp_path / "two")], tmp_path))
+    one = runs.load_records(tmp_path / "one" / "bn-x5_lr0.1_seed0")
+    two = runs.load_records(tmp_path / "two" / "bn-x5_lr0.1_seed0")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 1, 2, 3, 4]
+    for a, b in zip(one[1:], two[1:], strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4), a["step"]
+        assert b["train_acc"] == a["train_acc"]
+        assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-3), a["step"]

@@ -72,16 +72,19 @@ def _load_data(name: str, args: argparse.Namespace, rank: int, world: int):
         return data.load(name, args.data_dir, download=not args.no_download)
     import torch.distributed as dist
 
-    box: list = [None]
+    box: list = [None, None]  # [folder, error message]
+    failure = None
     if rank == 0:
         try:
             dataset = data.load(name, args.data_dir, download=not args.no_download)
-            box = [str(dataset.source)]
-        except data.DataError as exc:
-            box = [exc]
+            box = [str(dataset.source), None]
+        except Exception as exc:  # a DataError, or anything else: the other ranks must not wait
+            failure, box = exc, [None, str(exc)]
     dist.broadcast_object_list(box, src=0)
-    if isinstance(box[0], Exception):
-        raise box[0]
+    if failure is not None:
+        raise failure
+    if box[1] is not None:
+        raise data.DataError(f"rank 0 could not load {name}: {box[1]}")
     return dataset if rank == 0 else data.load(name, box[0], download=False)
 
 
@@ -188,8 +191,6 @@ def _reproduce_convnet(args: argparse.Namespace) -> int:
 
 
 def _reproduce_convnet_ranks(args: argparse.Namespace, rank: int, world: int) -> int:
-    from dataclasses import fields
-
     from . import data
     from .experiments import convnet
     from .reporting import convnet as report
@@ -199,13 +200,12 @@ def _reproduce_convnet_ranks(args: argparse.Namespace, rank: int, world: int) ->
         base = convnet.ConvnetConfig(processes=world, bn_sync=args.bn == "sync")
         if args.quick:
             base = convnet.quick(base)
-        top = {f.name for f in fields(convnet.ConvnetConfig)}
         overrides = {
             name: getattr(args, name)
             for name in ("steps", "eval_every", "dataset", "threads", "width", "test_examples")
             if getattr(args, name) is not None
         }
-        base = replace(base, **{k: v for k, v in overrides.items() if k in top})
+        base = replace(base, **overrides)
         configs = [
             replace(base, network=net, seed=seed, base=replace(base.base, lr=lr))
             for lr in args.base_lr or [base.base.lr]

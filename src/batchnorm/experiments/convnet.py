@@ -41,8 +41,10 @@ This module runs the same study with the same structure at a size a 2-core CPU c
 Each network is one run folder (:mod:`batchnorm.experiments.runs`: config, env, metrics,
 checkpoints, TensorBoard, lock); :func:`run_study` runs several, in parallel processes if asked.
 The global batch of every step, its augmentation and its Dropout masks are pure functions of
-``(seed, step)``, so a resumed run repeats an uninterrupted one exactly, and a data-parallel run
-can slice the same global batch per rank.
+``(seed, step)``, so a resumed run repeats an uninterrupted one exactly. Under ``torchrun``
+(:class:`~.runs.Ranks`) each process trains its slice of the same augmented global batch; only
+the Dropout masks differ from a single-process run (each rank draws its own from
+``(seed, step, rank)``).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ __all__ = [
     "build_network",
     "evaluation_steps",
     "make_batch",
+    "population_steps",
     "prepare_data",
     "quick",
     "run",
@@ -323,6 +326,14 @@ def quick(cfg: ConvnetConfig) -> ConvnetConfig:
 def run_name(cfg: ConvnetConfig) -> str:
     """The run folder's name: network, its own initial learning rate, seed."""
     return f"{cfg.network}_lr{cfg.recipe.lr:g}_seed{cfg.seed}"
+
+
+def population_steps(cfg: ConvnetConfig) -> set[int]:
+    """The evaluations that also use the population statistics of Alg. 2 (BN networks): the
+    first and the last, and the first at or after every multiple of ``population_every``."""
+    evals = evaluation_steps(cfg)
+    due = range(cfg.population_every, cfg.steps + 1, cfg.population_every)
+    return {0, cfg.steps} | {next(s for s in evals if s >= k) for k in due}
 
 
 def evaluation_steps(cfg: ConvnetConfig) -> list[int]:
@@ -599,7 +610,7 @@ def _evaluate(cfg: ConvnetConfig, d: ConvnetData, model: nn.Module, step: int) -
         rec["test_acc"], rec["test_loss"] = _accuracy_and_loss(model, x, y)
     finally:
         model.train()
-    if cfg.net.bn and (step % cfg.population_every == 0 or step == cfg.steps):
+    if cfg.net.bn and step in population_steps(cfg):
         pop = runs.population_copy(model, _population_batches(cfg, d, step))
         rec["test_acc_population"], rec["test_loss_population"] = _accuracy_and_loss(pop, x, y)
     rec["eval_s"] = time.perf_counter() - start
@@ -607,8 +618,7 @@ def _evaluate(cfg: ConvnetConfig, d: ConvnetData, model: nn.Module, step: int) -
 
 
 def _params_finite(model: nn.Module) -> bool:
-    norm = torch.nn.utils.get_total_norm([p.detach() for p in model.parameters()])
-    return bool(torch.isfinite(norm))
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def _overflowed(skips: list[Tensor]) -> bool:
@@ -631,11 +641,7 @@ def run(
     (False), or a function called with the current step every 50 steps and once at the start.
     """
     run_dir = Path(run_dir)
-    if runs.Ranks().world != cfg.processes:
-        raise ValueError(
-            f"the config is for {cfg.processes} process(es), but this run has "
-            f"{runs.Ranks().world}; start it with torchrun --nproc-per-node {cfg.processes}"
-        )
+    runs.Ranks().check(cfg.processes)
     if d.name != cfg.dataset:
         raise ValueError(f"the data are {d.name!r}, but the config asks for {cfg.dataset!r}")
     if cfg.population_batches * cfg.batch_size > len(d.x_train):
@@ -755,7 +761,10 @@ def _run(
             # the global batch, augmented as in one process; then this rank's slice of it
             x, y = make_batch(d, idx, recipe, gen), d.y_train.index_select(0, idx)
             x, y = ranks.local(x), ranks.local(y)
-            torch.manual_seed(runs.derive_seed(cfg.seed, "dropout", step))
+            # Dropout: one process draws the masks of its batch; a rank draws its own, else every
+            # slice would get the same masks (so data-parallel Dropout differs from one process)
+            key = ("dropout", step) if ranks.world == 1 else ("dropout", step, ranks.rank)
+            torch.manual_seed(runs.derive_seed(cfg.seed, *key))
             logits = trained(x)
             loss = ranks.loss(logits, y, len(idx))
             value, overflowed = loss.item(), _overflowed(skips)
@@ -781,14 +790,19 @@ def _run(
             if step in evals:
                 if ranks.world > 1:
                     (correct,) = ranks.sum([correct])  # this rank's count, summed over ranks
+                failure = None
                 if ranks.writer:
-                    rec = {**record(step), **_evaluate(cfg, d, model, step), "train_s": train_s}
-                    checkpoint(step, rec)
-                    if bar is not None:
-                        bar.set_postfix(test_acc=f"{rec['test_acc']:.4f}", refresh=False)
+                    try:
+                        rec = {**record(step), **_evaluate(cfg, d, model, step), "train_s": train_s}
+                        checkpoint(step, rec)
+                    except Exception as exc:
+                        failure = exc
+                    else:
+                        if bar is not None:
+                            bar.set_postfix(test_acc=f"{rec['test_acc']:.4f}", refresh=False)
                 else:
                     record(step)  # resets the counters
-                ranks.barrier()  # the other ranks wait while rank 0 evaluates
+                ranks.agree(failure)  # the others wait while rank 0 evaluates, and share its fate
             if step % 50 == 0:
                 if bar is not None:
                     bar.update(step - bar.n)
@@ -796,6 +810,8 @@ def _run(
                     report(step)
         if diverged is not None:
             # "reached machine infinity": the run ends here, cleanly, and counts as complete
+            if ranks.world > 1:
+                (correct,) = ranks.sum([correct])
             checkpoint(
                 diverged["step"],
                 {**record(diverged["step"]), "diverged": diverged["reason"], "train_s": train_s},

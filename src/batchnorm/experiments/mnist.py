@@ -40,7 +40,7 @@ import itertools
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -278,17 +278,19 @@ def _evaluate(
         rec[f"train_loss_{net.name}"] = (net.loss_sum / steps_since).item() if steps_since else None
         net.loss_sum.zero_()
     probe = d.x_test[: cfg.probe_examples]
-    plain.model.eval()
-    rec["test_acc_plain"], rec["test_loss_plain"] = _accuracy_and_loss(
-        plain.model, d.x_test, d.y_test
-    )
-    pct_plain = _percentiles(plain.model, probe)
-    plain.model.train()
-    bn.model.eval()
-    rec["test_acc_bn_ema"], rec["test_loss_bn_ema"] = _accuracy_and_loss(
-        bn.model, d.x_test, d.y_test
-    )
-    bn.model.train()
+    try:
+        plain.model.eval()
+        rec["test_acc_plain"], rec["test_loss_plain"] = _accuracy_and_loss(
+            plain.model, d.x_test, d.y_test
+        )
+        pct_plain = _percentiles(plain.model, probe)
+        bn.model.eval()
+        rec["test_acc_bn_ema"], rec["test_loss_bn_ema"] = _accuracy_and_loss(
+            bn.model, d.x_test, d.y_test
+        )
+    finally:
+        plain.model.train()
+        bn.model.train()
     pop = population_copy(
         bn.model, _population_batches(cfg, d, ("population", step), cfg.population_batches)
     )
@@ -333,11 +335,7 @@ def run(
     these files by :mod:`batchnorm.reporting.mnist`.
     """
     run_dir = Path(run_dir)
-    if runs.Ranks().world != cfg.processes:
-        raise ValueError(
-            f"the config is for {cfg.processes} process(es), but this run has "
-            f"{runs.Ranks().world}; start it with torchrun --nproc-per-node {cfg.processes}"
-        )
+    runs.Ranks().check(cfg.processes)
     if d.name != cfg.dataset or d.threshold != cfg.binarize_threshold:
         raise ValueError(
             f"the data were prepared for {d.name!r} with threshold {d.threshold}, but the config asks "
@@ -388,8 +386,8 @@ def _run(
         return run_dir
     for net in (plain, bn):
         net.train = ranks.wrap(net.model, sync_bn=cfg.bn_sync)
-    if not ranks.writer:
-        _follow(cfg, d, ranks, plain, bn, start_step)
+    if not ranks.writer:  # trains its share, writes nothing
+        _train(cfg, d, ranks, plain, bn, start_step)
         return run_dir
     runs.start_session(run_dir, seed=cfg.seed, resumed_from=start_step, source=d.source)
     if start_step:
@@ -419,20 +417,25 @@ def _run(
         if start_step == 0:
             checkpoint(0, _evaluate(cfg, d, 0, plain, bn, 0))
         last_eval = start_step
-        for step in _train(cfg, d, ranks, plain, bn, start_step):
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                rec = _evaluate(cfg, d, step, plain, bn, step - last_eval)
-                rec["train_plain_s"], rec["train_bn_s"] = plain.train_s, bn.train_s
-                last_eval = step
-                checkpoint(step, rec)
-                if bar is not None:
-                    bar.set_postfix(
-                        bn=f"{rec['test_acc_bn_population']:.4f}",
-                        plain=f"{rec['test_acc_plain']:.4f}",
-                        refresh=False,
-                    )
+
+        def evaluate(step: int) -> None:
+            nonlocal last_eval
+            rec = _evaluate(cfg, d, step, plain, bn, step - last_eval)
+            rec["train_plain_s"], rec["train_bn_s"] = plain.train_s, bn.train_s
+            last_eval = step
+            checkpoint(step, rec)
+            if bar is not None:
+                bar.set_postfix(
+                    bn=f"{rec['test_acc_bn_population']:.4f}",
+                    plain=f"{rec['test_acc_plain']:.4f}",
+                    refresh=False,
+                )
+
+        def tick(step: int) -> None:
             if bar is not None and step % 50 == 0:
                 bar.update(step - bar.n)
+
+        _train(cfg, d, ranks, plain, bn, start_step, evaluate, tick)
         if bar is not None:
             bar.update(cfg.steps - bar.n)
     finally:
@@ -445,12 +448,20 @@ def _run(
 
 
 def _train(
-    cfg: MnistConfig, d: MnistData, ranks: runs.Ranks, plain: _Net, bn: _Net, start_step: int
-) -> Iterable[int]:
-    """Train both networks from ``start_step``, yielding after every step.
+    cfg: MnistConfig,
+    d: MnistData,
+    ranks: runs.Ranks,
+    plain: _Net,
+    bn: _Net,
+    start_step: int,
+    evaluate: Callable[[int], None] = lambda step: None,
+    tick: Callable[[int], None] = lambda step: None,
+) -> None:
+    """Train both networks from ``start_step`` to the end; ``tick(step)`` after every step.
 
-    At each evaluation step the training losses are first summed over the ranks (every rank must
-    take part), then rank 0's caller evaluates while the others wait at the barrier.
+    Every ``eval_every`` steps and at the last, the training losses are summed over the ranks
+    (every rank takes part), then rank 0 calls ``evaluate(step)`` while the others wait for it;
+    if it raises, every rank raises (:meth:`~.runs.Ranks.agree`).
     """
     order = DataOrder(len(d.x_train), cfg.batch_size, cfg.seed)
     for step in range(start_step + 1, cfg.steps + 1):
@@ -466,24 +477,21 @@ def _train(
             net.opt.step()
             net.loss_sum += loss.detach()
             net.train_s += time.perf_counter() - t0
-        evaluate = step % cfg.eval_every == 0 or step == cfg.steps
-        if evaluate and ranks.world > 1:
-            totals = ranks.sum([float(net.loss_sum) for net in (plain, bn)])
-            for net, total in zip((plain, bn), totals, strict=True):
-                net.loss_sum.fill_(total / ranks.world)  # each rank's share was scaled by world
-        yield step
-        if evaluate:
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            if ranks.world > 1:
+                totals = ranks.sum([float(net.loss_sum) for net in (plain, bn)])
+                for net, total in zip((plain, bn), totals, strict=True):
+                    net.loss_sum.fill_(total / ranks.world)  # each share was scaled by world
+            failure = None
+            if ranks.writer:
+                try:
+                    evaluate(step)
+                except Exception as exc:
+                    failure = exc
             for net in (plain, bn):
-                net.loss_sum.zero_()  # rank 0's evaluation has reported it; the others' too
-            ranks.barrier()
-
-
-def _follow(
-    cfg: MnistConfig, d: MnistData, ranks: runs.Ranks, plain: _Net, bn: _Net, start_step: int
-) -> None:
-    """A rank other than 0: train its share, write nothing."""
-    for _ in _train(cfg, d, ranks, plain, bn, start_step):
-        pass
+                net.loss_sum.zero_()  # reported by rank 0's evaluation
+            ranks.agree(failure)
+        tick(step)
 
 
 def _write_sensitivity(run_dir: Path, cfg: MnistConfig, d: MnistData, bn_model: nn.Module) -> None:

@@ -217,10 +217,18 @@ class Ranks:
         if self.world > 1:
             dist.barrier()
 
-    def agree(self, failure: RunError | None) -> None:
+    def check(self, processes: int) -> None:
+        """Raise ``ValueError`` unless this run has ``processes`` processes (a config's)."""
+        if self.world != processes:
+            raise ValueError(
+                f"the config is for {processes} process(es), but this run has {self.world}; "
+                f"start it with torchrun --nproc-per-node {processes}"
+            )
+
+    def agree(self, failure: Exception | None) -> None:
         """Raise rank 0's ``failure`` there, and a :class:`RunError` with its message on the
-        other ranks (which wait for it: one broadcast)."""
-        message = None if failure is None else str(failure)
+        other ranks (which wait for it: one broadcast), so no rank is left in a collective."""
+        message = None if failure is None else f"rank 0 failed: {failure}"
         if self.world > 1:
             box = [message]
             dist.broadcast_object_list(box, src=0)
@@ -235,8 +243,9 @@ def population_copy(model: nn.Module, batches: Sequence[Tensor]) -> nn.Module:
     """A copy of ``model`` in eval mode whose BN layers hold the population statistics of Alg. 2.
 
     :func:`batchnorm.tools.recalibrate` with the paper's estimator runs ``batches`` through the copy
-    in training mode without gradients (each layer sees inputs produced by the layers below in
-    training mode, as in the paper's N_BN^tr) and sets E[x] = E_B[μ_B] and Var[x] =
+    without gradients, its BN layers in training mode (each normalizes with batch statistics, so
+    it sees what the layers below produce during training, as in the paper's N_BN^tr; Dropout
+    and the other layers stay in eval mode) and sets E[x] = E_B[μ_B] and Var[x] =
     m/(m−1)·E_B[σ²_B] (Alg. 2 lines 9–10). The original model is untouched. The pass runs in
     this process alone (SyncBatchNorm layers become plain ones in the copy): in a data-parallel
     run, rank 0 evaluates.
@@ -333,7 +342,7 @@ def open_run(run_dir: str | os.PathLike, config: Mapping, *, threads: int) -> It
             try:
                 stack.enter_context(_exclusive(run_dir))
                 _check_or_write_config(run_dir, dict(config))
-            except RunError as exc:
+            except Exception as exc:  # RunError, or an OSError writing the folder
                 failure = exc
             else:
                 # A run killed hard (SIGKILL, power loss) in the middle of an atomic write leaves
