@@ -540,3 +540,35 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
     assert "fashion-mnist: data set not found" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     assert main(["report", str(tmp_path)]) == 1
+
+
+def fake_run(network: str, accs: dict[int, float], test_examples: int = 10_000):
+    cfg = {**convnet.ConvnetConfig(network=network).to_dict(), "test_examples": test_examples}
+    records = [{"step": s, "test_acc": a} for s, a in sorted(accs.items())]
+    return report.ConvRun(Path(network), cfg, {}, {}, records)
+
+
+def test_steps_to_the_baselines_best_strictly_and_within_its_sampling_error():
+    base = fake_run("baseline", {0: 0.1, 1000: 0.85, 2000: 0.88, 4000: 0.90})
+    # ends 0.05 points short of the Baseline's best: never strictly, but within 1 s.e. (0.30)
+    x5 = fake_run("bn-x5", {0: 0.1, 500: 0.898, 1000: 0.8995})
+    study = report.Study(Path("."), [base, x5], [], [])
+    s = report.summarize(study, "bn-x5")
+    assert s.to_target == [None] and s.factor == [None]
+    se = report.standard_error(0.90, 10_000)
+    assert se == pytest.approx(0.0030, abs=1e-4)
+    # the Baseline itself first reaches 0.90 - se at step 4,000, BN-x5 at 500
+    assert s.to_near == [500] and s.near_factor == [pytest.approx(8.0)]
+    verdict = next(v for c, _, v in report.verdicts(study) if c.startswith("BN-x5 reaches"))
+    assert verdict.startswith("partly (never strictly") and "8.0×" in verdict
+    # on 1,000 test images the error is √10 larger, and 0.892 counts as "near" (not with 10,000)
+    coarse = fake_run("bn-x5", {0: 0.1, 500: 0.892})
+    base_coarse = fake_run("baseline", {0: 0.1, 1000: 0.85, 4000: 0.90}, test_examples=1000)
+    s = report.summarize(report.Study(Path("."), [base_coarse, coarse], [], []), "bn-x5")
+    assert s.to_near == [500]
+    s = report.summarize(report.Study(Path("."), [base, coarse], [], []), "bn-x5")
+    assert s.to_near == [None]
+    # far below: neither
+    slow = fake_run("bn-x5", {0: 0.1, 500: 0.80})
+    s = report.summarize(report.Study(Path("."), [base, slow], [], []), "bn-x5")
+    assert s.to_near == [None] and s.near_factor == [None]
