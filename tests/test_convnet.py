@@ -572,3 +572,15 @@ def test_steps_to_the_baselines_best_strictly_and_within_its_sampling_error():
     slow = fake_run("bn-x5", {0: 0.1, 500: 0.80})
     s = report.summarize(report.Study(Path("."), [base, slow], [], []), "bn-x5")
     assert s.to_near == [None] and s.near_factor == [None]
+
+
+def test_steps_to_lower_targets_table():
+    # Baseline best 0.90: best − 1 pt (0.89) at 4,000, − 2 pt (0.88) at 2,000, − 4 pt (0.86) at 2,000
+    base = fake_run("baseline", {0: 0.1, 1000: 0.85, 2000: 0.88, 3000: 0.885, 4000: 0.90})
+    x5 = fake_run("bn-x5", {0: 0.1, 250: 0.87, 500: 0.885, 1000: 0.8895})
+    sig = fake_run("bn-x5-sigmoid", {0: 0.1, 1000: 0.70})
+    table = report._lower_targets_table(report.Study(Path("."), [base, x5, sig], [], []))
+    rows = {line.split(" | ")[0]: line for line in table.splitlines()[2:]}
+    assert rows["| best − 1 pt"] == "| best − 1 pt | 4,000 | never | never |"
+    assert rows["| best − 2 pt"] == "| best − 2 pt | 2,000 | 500 (4.0×) | never |"
+    assert rows["| best − 4 pt"] == "| best − 4 pt | 2,000 | 250 (8.0×) | never |"

@@ -381,8 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = ConvnetConfig()
     cv = rsub.add_parser(
         "convnet",
-        help="Figures 2-3: accelerating BN networks, a small Inception on Fashion-MNIST (about "
-        "1 hour for all 7 networks with --jobs 2 on 2 cores)",
+        help="Figures 2-3: accelerating BN networks, a small Inception on Fashion-MNIST (51 "
+        "minutes for all 7 networks with --jobs 2 on 2 cores)",
         description=(
             "Reproduce Sec. 4.2 of the paper (Figures 2 and 3) at CPU scale: a small Inception "
             "network on Fashion-MNIST trained as Baseline, BN-Baseline, BN-x5, BN-x30, "
