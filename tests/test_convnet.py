@@ -542,8 +542,11 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
     assert main(["report", str(tmp_path)]) == 1
 
 
-def fake_run(network: str, accs: dict[int, float], test_examples: int = 10_000):
-    cfg = {**convnet.ConvnetConfig(network=network).to_dict(), "test_examples": test_examples}
+def fake_run(network: str, accs: dict[int, float], test_examples: int = 10_000, seed: int = 0):
+    cfg = {
+        **convnet.ConvnetConfig(network=network, seed=seed).to_dict(),
+        "test_examples": test_examples,
+    }
     records = [{"step": s, "test_acc": a} for s, a in sorted(accs.items())]
     return report.ConvRun(Path(network), cfg, {}, {}, records)
 
@@ -584,3 +587,45 @@ def test_steps_to_lower_targets_table():
     assert rows["| best − 1 pt"] == "| best − 1 pt | 4,000 | never | never |"
     assert rows["| best − 2 pt"] == "| best − 2 pt | 2,000 | 500 (4.0×) | never |"
     assert rows["| best − 4 pt"] == "| best − 4 pt | 2,000 | 250 (8.0×) | never |"
+
+
+def test_speedup_verdicts_state_the_shortfall_and_the_seeds():
+    # per seed, the Baseline's best 0.90 at step 4,000; within 1 s.e. (0.897) at 4,000 too
+    bases = [fake_run("baseline", {0: 0.1, 2000: 0.88, 4000: 0.90}, seed=s) for s in (0, 1)]
+
+    def verdict(net: str, *accs: dict[int, float]) -> str:
+        runs = [fake_run(net, a, seed=s) for s, a in enumerate(accs)]
+        study = report.Study(Path("."), [*bases, *runs], [], [])
+        return next(
+            v for c, _, v in report.verdicts(study) if c.startswith(f"{report.LABELS[net]} reaches")
+        )
+
+    # every seed 2× faster: faster, but far under the paper's 14.8×
+    assert verdict("bn-x5", {0: 0.1, 2000: 0.90}, {0: 0.1, 2000: 0.91}) == (
+        "partly (faster, 2.0×, less than 1/1.5 of the paper's 14.8×)"
+    )
+    # every seed 10× faster: within 1/1.5 of 14.8×
+    assert verdict("bn-x5", {0: 0.1, 400: 0.90}, {0: 0.1, 400: 0.91}) == "reproduced"
+    # one seed strictly 4× faster, the other 0.002 short but within the sampling error, 8× sooner
+    v = verdict("bn-x5", {0: 0.1, 1000: 0.90}, {0: 0.1, 500: 0.898})
+    assert v.startswith("partly (4.0× faster in 1 of 2 seeds") and "less than 1/1.5" in v, v
+    # one seed faster, the other far short: not reproduced, whatever the first seed did
+    v = verdict("bn-x5", {0: 0.1, 400: 0.90}, {0: 0.1, 500: 0.85})
+    assert v == "not reproduced (10.0× faster in 1 of 2 seeds)", v
+    assert verdict("bn-x30", {0: 0.1, 500: 0.85}, {0: 0.1, 500: 0.86}) == (
+        "not reproduced (never reaches the Baseline's best)"
+    )
+
+
+def test_bn_x30_starts_slower_measured_below_the_target_when_one_never_reaches_it():
+    base = fake_run("baseline", {0: 0.1, 2000: 0.88, 3000: 0.89, 4000: 0.90})
+    x5 = fake_run("bn-x5", {0: 0.1, 500: 0.89, 1000: 0.895})  # never 0.90; 0.89 at 500
+    x30 = fake_run("bn-x30", {0: 0.1, 500: 0.85, 1500: 0.89})  # 0.89 at 1,500
+    study = report.Study(Path("."), [base, x5, x30], [], [])
+    measured, verdict = next((m, v) for c, m, v in report.verdicts(study) if "starts slower" in c)
+    assert "BN-x5 500 steps, BN-x30 1,500" in measured
+    assert verdict == "reproduced (1 point below the Baseline's best)"
+    x30_fast = fake_run("bn-x30", {0: 0.1, 250: 0.89})
+    study = report.Study(Path("."), [base, x5, x30_fast], [], [])
+    verdict = next(v for c, _, v in report.verdicts(study) if "starts slower" in c)
+    assert verdict == "not reproduced (1 point below the Baseline's best)"

@@ -334,21 +334,34 @@ def _speedup_verdict(s: NetSummary | None, paper: float) -> tuple[str, str]:
             f"; to within one standard error of the Baseline's best: {_fmt_factor(s.near_factor)}"
             " fewer"
         )
+    floor = paper / FACTOR_TOLERANCE
+    near_all = len(near) == len(s.near_factor) and min(near, default=0) > 1
+
+    def short(factor: float) -> str:
+        # a speed-up far under the paper's is said with its size, whatever the seeds did
+        if factor >= floor:
+            return ""
+        return f", less than 1/{FACTOR_TOLERANCE:g} of the paper's {paper:.1f}×"
+
     if not reached:
-        if len(near) == len(s.near_factor) and min(near) > 1:
+        if near_all:
             return measured, (
                 "partly (never strictly, but within the test set's sampling error of the "
-                f"Baseline's best {_mean(near):.1f}× sooner)"
+                f"Baseline's best {_mean(near):.1f}× sooner{short(_mean(near))})"
             )
         return measured, "not reproduced (never reaches the Baseline's best)"
     if len(reached) < len(s.factor) or min(reached) <= 1:
-        return measured, "partly (not faster in every seed)"
-    if _mean(reached) >= paper / FACTOR_TOLERANCE:
+        faster = sum(f > 1 for f in reached)
+        text = f"{_fmt_factor(reached)} faster in {faster} of {len(s.factor)} seeds"
+        if near_all:
+            return measured, (
+                f"partly ({text}; within the test set's sampling error of the Baseline's best "
+                f"in every seed, {_mean(near):.1f}× sooner{short(_mean(near))})"
+            )
+        return measured, f"not reproduced ({text})"
+    if _mean(reached) >= floor:
         return measured, "reproduced"
-    return (
-        measured,
-        f"partly (faster, but less than 1/{FACTOR_TOLERANCE:g} of the paper's {paper:.1f}×)",
-    )
+    return measured, f"partly (faster, {_mean(reached):.1f}×{short(_mean(reached))})"
 
 
 def verdicts(study: Study) -> list[tuple[str, str, str]]:
@@ -406,7 +419,25 @@ def verdicts(study: Study) -> list[tuple[str, str, str]]:
             verdict = "reproduced" if _mean(x30s) > _mean(x5) else "not reproduced"
             measured = f"BN-x5 {_fmt_steps(s['bn-x5'].to_target)} steps, BN-x30 {_fmt_steps(s['bn-x30'].to_target)}"
         else:
-            verdict, measured = "not measured", "one of them never reaches the Baseline's best"
+            # one of them levels off short of the target: compare them 1 point below it instead
+            gap = LOWER_TARGETS[0]
+            lower = {
+                n: [r.first_step_at(study.target(r.seed)[0] - gap) for r in study.of(n)]
+                for n in ("bn-x5", "bn-x30")
+            }
+            measured = (
+                "one of them never reaches the Baseline's best; to 1 point below it: "
+                f"BN-x5 {_fmt_steps(lower['bn-x5'])} steps, BN-x30 {_fmt_steps(lower['bn-x30'])}"
+            )
+            if all(v is not None for vals in lower.values() for v in vals):
+                slower = _mean(lower["bn-x30"]) > _mean(lower["bn-x5"])
+                verdict = (
+                    "reproduced (1 point below the Baseline's best)"
+                    if slower
+                    else "not reproduced (1 point below the Baseline's best)"
+                )
+            else:
+                verdict = "not measured"
         out.append(("BN-x30 starts slower than BN-x5 (2.7M vs 2.1M steps)", measured, verdict))
     if "bn-x5-sigmoid" in s and "baseline" in s:
         sig = s["bn-x5-sigmoid"]
@@ -844,7 +875,7 @@ def write_report(folder: str | Path) -> Path:
             f'The Baseline\'s best test accuracy, the target of the "steps to" column: '
             f"**{_fmt_acc(acc)}**, first reached at step {_fmt_steps([r.best[1] for r in base])}."
         )
-    text = f"""# Figures 2 and 3 (accelerating BN networks), reproduced at CPU scale
+    text = f"""# Figures 2 and 3 (accelerating BN networks), rerun at CPU scale
 
 Ioffe & Szegedy 2015 (arXiv:1502.03167), Sec. 4.2. Regenerate this report from the runs' files:
 `batchnorm report {study.folder}`.
@@ -881,8 +912,10 @@ Not the paper's measure, but it shows the early speed-up of a network that level
 
 A factor counts as reproduced when it is at least 1/{FACTOR_TOLERANCE:g} of the paper's in the
 mean over seeds (the evaluation grid resolves a step count to about 25%) and the network is faster
-than the Baseline in every seed. "At chance": best accuracy within {100 * CHANCE_MARGIN:.0f} points
-of {100 * CHANCE:.0f}%.
+than the Baseline in every seed; as partly when the network is faster in every seed, strictly or
+within one standard error, but by less (the verdict then gives the size of the shortfall); as not
+reproduced when some seed never gets within one standard error of the Baseline's best. "At
+chance": best accuracy within {100 * CHANCE_MARGIN:.0f} points of {100 * CHANCE:.0f}%.
 
 ## What this does and does not show
 
