@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from batchnorm import BatchNorm2d, data
-from batchnorm.cli import main
+from batchnorm.cli import _networks, main
 from batchnorm.experiments import convnet, runs
 from batchnorm.reporting import convnet as report
 from tests.tolerances import TOL
@@ -83,6 +83,13 @@ def test_each_network_derives_its_recipe_from_the_base():
     assert r["bn-x30"] == convnet.accelerate(base, 30)
     assert r["baseline-x5"] == replace(base, lr=5 * base.lr)  # "the same learning rate increase"
     assert r["bn-x30"].lr == pytest.approx(30 * base.lr)
+    # the ablation: every change of BN-x5 but the faster decay
+    assert r["bn-x5-slow-decay"] == replace(r["bn-x5"], lr_half_life=base.lr_half_life)
+    assert tuple(n for n in convnet.NETWORKS if n != "bn-x5-slow-decay") == convnet.STUDY
+    assert _networks("all") == list(convnet.STUDY)  # the paper's seven; the ablation by name
+    assert _networks("bn-x5,bn-x5-slow-decay") == ["bn-x5", "bn-x5-slow-decay"]
+    with pytest.raises(ValueError, match="decay_speedup must be a positive finite number"):
+        convnet.accelerate(base, 5, decay_speedup=0)
 
 
 @pytest.mark.parametrize(
