@@ -636,3 +636,31 @@ def test_bn_x30_starts_slower_measured_below_the_target_when_one_never_reaches_i
     study = report.Study(Path("."), [base, x5, x30_fast], [], [])
     verdict = next(v for c, _, v in report.verdicts(study) if "starts slower" in c)
     assert verdict == "not reproduced (1 point below the Baseline's best)"
+
+
+def test_the_decay_ablation_is_reported_beside_bn_x5_only_when_it_ran():
+    base = fake_run("baseline", {0: 0.1, 2000: 0.88, 4000: 0.90})
+    x5 = fake_run("bn-x5", {0: 0.1, 1000: 0.89, 4000: 0.895})  # levels off short
+    slow = fake_run("bn-x5-slow-decay", {0: 0.1, 1000: 0.89, 2000: 0.91})
+    text = report._ablation_text(report.Study(Path("."), [base, x5, slow], [], []))
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| BN")}
+    assert rows["| BN-x5"].startswith("| BN-x5 | never | never reaches it | 89.50% |"), rows
+    assert rows["| BN-x5, Baseline's decay"].startswith(
+        "| BN-x5, Baseline's decay | 2,000 | 2.0× | 91.00% |"
+    ), rows
+    assert report._ablation_text(report.Study(Path("."), [base, x5], [], [])) == ""
+    # the figure 3 table lists it, with no paper numbers to put beside it
+    table = report._figure3_table(report.Study(Path("."), [base, x5, slow], [], []))
+    assert "| BN-x5, Baseline's decay | — | not in the paper (our ablation) | 2,000 |" in table
+
+
+def test_wall_time_counts_parallel_runs_once_and_not_the_gaps_between_commands():
+    def timed(network: str, seed: int, start: float, end: float):
+        r = fake_run(network, {0: 0.1, 100: 0.5}, seed=seed)
+        r.records[0]["clock_s"], r.records[-1]["clock_s"] = start, end
+        return r
+
+    # two runs side by side (0-600 s and 60-660 s), then, an hour later, one more (4,260-4,560 s)
+    runs = [timed("baseline", 0, 0, 600), timed("bn-x5", 0, 60, 660), timed("bn-x5", 1, 4260, 4560)]
+    text = report._timing_text(report.Study(Path("."), runs, [], []))
+    assert "**16 minutes**" in text, text  # 660 + 300 s
