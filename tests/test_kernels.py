@@ -1,4 +1,5 @@
-"""The fused kernels: thread-count independence, and the fallback when they cannot be built."""
+"""The fused kernels: exact statistics on hard inputs, thread-count independence, and the fallback
+when they cannot be built."""
 
 import os
 import subprocess
@@ -91,3 +92,52 @@ def test_large_input_gradients_avoid_4k_aliasing_with_the_input():
         y_ref = batch_norm_train(x).output
     (dx_ref,) = torch.autograd.grad(y_ref, x, g)
     torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "offset",
+        "first-image-far",
+        "first-of-many-far",
+        "ramp",
+        "constant",
+        "one-image-chunks",
+        "7x7",
+    ],
+)
+def test_planar_statistics_are_exact_on_hard_inputs(threads, case):
+    """Per-channel statistics of planar inputs, in float64 from float32 values, are exact to ~1e-7
+    on inputs where a one-pass or badly shifted reduction is not: a large offset, one image far
+    from the others (in a chunk of 32 and of 1,337 feature maps), a ramp across each map, a
+    constant channel, chunks of one image, small 7×7 maps."""
+    gen = torch.Generator().manual_seed(0)
+    shape = {
+        "one-image-chunks": (3, 2, 300, 300),  # 90,000 values per map: a chunk is one image
+        "7x7": (8, 512, 7, 7),
+        "first-of-many-far": (2000, 2, 7, 7),  # 1,337 maps per chunk
+    }.get(case, (32, 4, 56, 56))
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if case == "offset":  # 1e4 + N(0, 1)
+        x += 1e4
+    elif case == "first-image-far":  # its mean ~6 std from the channel's
+        x[0] += 1e3
+    elif case == "first-of-many-far":  # ~37 std: one pass around it loses ~1e-4 of the variance
+        x[0] += 1e4
+    elif case == "ramp":  # a gradient across each map
+        x += torch.linspace(-3, 3, shape[2], dtype=torch.float64)[:, None] + 1e3
+    elif case == "constant":
+        x = torch.full(shape, 0.1, dtype=torch.float64)
+    x = x.float()
+    ref = x.double()
+    dims = [0, 2, 3]
+    mean_ref, var_ref = ref.mean(dims), ref.var(dims, unbiased=False)
+    for n in (1, 2):
+        threads(n)
+        with use_backend("fused"):
+            _, mean, var = batch_norm_train(x)
+        assert ((mean - mean_ref).abs() <= 1e-7 * var_ref.sqrt() + 1e-7 * mean_ref.abs()).all()
+        if case == "constant":
+            assert torch.all(var == 0)
+        else:
+            torch.testing.assert_close(var, var_ref, rtol=2e-7, atol=0)
