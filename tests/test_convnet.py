@@ -664,3 +664,13 @@ def test_wall_time_counts_parallel_runs_once_and_not_the_gaps_between_commands()
     runs = [timed("baseline", 0, 0, 600), timed("bn-x5", 0, 60, 660), timed("bn-x5", 1, 4260, 4560)]
     text = report._timing_text(report.Study(Path("."), runs, [], []))
     assert "**16 minutes**" in text, text  # 660 + 300 s
+
+
+def test_claims_survive_a_seed_without_a_baseline():
+    base = fake_run("baseline", {0: 0.1, 2000: 0.88, 3000: 0.89, 4000: 0.90})
+    x5 = fake_run("bn-x5", {0: 0.1, 500: 0.89, 1000: 0.895})
+    x30 = fake_run("bn-x30", {0: 0.1, 1500: 0.89})
+    orphan = fake_run("bn-x30", {0: 0.1, 100: 0.95}, seed=7)  # no Baseline of seed 7
+    study = report.Study(Path("."), [base, x5, x30, orphan], [], [])
+    verdict = next(v for c, _, v in report.verdicts(study) if "starts slower" in c)
+    assert verdict == "reproduced (1 point below the Baseline's best)"

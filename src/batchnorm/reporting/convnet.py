@@ -427,14 +427,18 @@ def verdicts(study: Study) -> list[tuple[str, str, str]]:
             # one of them levels off short of the target: compare them 1 point below it instead
             gap = LOWER_TARGETS[0]
             lower = {
-                n: [r.first_step_at(study.target(r.seed)[0] - gap) for r in study.of(n)]
+                n: [
+                    r.first_step_at(study.target(r.seed)[0] - gap)
+                    for r in study.of(n)
+                    if study.target(r.seed) is not None  # a seed without a Baseline has no target
+                ]
                 for n in ("bn-x5", "bn-x30")
             }
             measured = (
                 "one of them never reaches the Baseline's best; to 1 point below it: "
                 f"BN-x5 {_fmt_steps(lower['bn-x5'])} steps, BN-x30 {_fmt_steps(lower['bn-x30'])}"
             )
-            if all(v is not None for vals in lower.values() for v in vals):
+            if all(vals and None not in vals for vals in lower.values()):
                 slower = _mean(lower["bn-x30"]) > _mean(lower["bn-x5"])
                 verdict = (
                     "reproduced (1 point below the Baseline's best)"
