@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from batchnorm.functional import batch_norm_train, kernels, use_backend
+from batchnorm.functional import batch_norm_train, kernels, reference, steps, use_backend
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="fused kernels unavailable")
 
@@ -141,3 +141,75 @@ def test_planar_statistics_are_exact_on_hard_inputs(threads, case):
             assert torch.all(var == 0)
         else:
             torch.testing.assert_close(var, var_ref, rtol=2e-7, atol=0)
+
+
+# Outputs of 8 MiB or more are written with streaming stores (csrc: `streams`); odd planar
+# sizes leave each feature map's start unaligned, so the scalar head and tail run too.
+LARGE = {
+    "nchw-odd": ((3, 8, 301, 307), None),
+    "nhwc": ((4, 32, 130, 130), torch.channels_last),
+    "2d": ((2100, 1024), None),
+}
+
+
+def _all_outputs(x, g, w, b):
+    """y and the gradients of the one-call path, and y, dx of the SyncBatchNorm steps."""
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    with use_backend("fused"):
+        y, mean, var = batch_norm_train(xr, wr, br)
+        grads = torch.autograd.grad(y, (xr, wr, br), g)
+        y2 = steps.normalize(x, mean, var, w, b, 1e-5)
+        sum_g, sum_gc = steps.backward_reduce(g, x, mean)
+        count = x.numel() // x.shape[1]
+        dx2 = steps.backward_elementwise(g, x, mean, var, w, sum_g, sum_gc, count, 1e-5)
+    return [y.detach(), *grads, y2, dx2]
+
+
+@pytest.mark.parametrize("case", LARGE)
+def test_large_outputs_match_float64_and_the_unstreamed_path(case):
+    """y and dx of large inputs (one call and the SyncBatchNorm steps) agree with the float64
+    reference, and bit for bit with streaming stores turned off."""
+    shape, fmt = LARGE[case]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen) * 2 + 5
+    g = torch.randn(shape, generator=gen)
+    if fmt is not None:
+        x, g = x.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt)
+    w, b = torch.randn(shape[1], generator=gen), torch.randn(shape[1], generator=gen)
+    old = kernels.set_stream_bytes(0)
+    try:
+        streamed = _all_outputs(x, g, w, b)
+        kernels.set_stream_bytes(None)
+        unstreamed = _all_outputs(x, g, w, b)
+    finally:
+        kernels.set_stream_bytes(old)
+    for a, c in zip(streamed, unstreamed, strict=True):
+        assert torch.equal(a, c)
+    y, dx, dw, db, y2, dx2 = streamed
+    xd, gd, wd, bd = (t.double() for t in (x, g, w, b))
+    y_ref, _, _ = reference.batch_norm_forward(xd, wd, bd, 1e-5)
+    dx_ref, dw_ref, db_ref = reference.batch_norm_backward(gd, xd, wd, 1e-5)
+    for got, want in ((y, y_ref), (y2, y_ref), (dx, dx_ref), (dx2, dx_ref)):
+        assert got.dtype == torch.float32 and got.stride() == x.stride()
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max())
+    torch.testing.assert_close(dw.double(), dw_ref, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(db.double(), db_ref, rtol=1e-5, atol=1e-3)
+
+
+def test_stream_threshold_comes_from_the_environment_and_rejects_nonsense():
+    code = (
+        "from batchnorm.functional import kernels\n"
+        "print(kernels.set_stream_bytes(None), kernels.set_stream_bytes(8))\n"
+    )
+    for env_value, want in (("123", "123 None"), ("-1", "None None"), ("", f"{8 << 20} None")):
+        env = {**os.environ, "BATCHNORM_STREAM_BYTES": env_value}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        assert out.stdout.split("\n")[-2] == want
+    old = kernels.set_stream_bytes(None)
+    try:
+        with pytest.raises(RuntimeError, match="byte count or -1"):
+            kernels.set_stream_bytes(-5)
+    finally:
+        kernels.set_stream_bytes(old)

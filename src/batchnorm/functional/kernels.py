@@ -22,6 +22,8 @@ Environment variables:
   ``~/.cache/batchnorm``); kernels live in ``<root>/kernels/<key>/``.
 - ``BATCHNORM_CPU_ARCH``: the ``-march`` value (default ``native``; set e.g. ``x86-64-v3`` to
   build kernels that run on other machines sharing the cache).
+- ``BATCHNORM_STREAM_BYTES``: float32 outputs (y, dx) of at least this many bytes are written
+  with streaming stores (default 8 MiB; ``-1``: never); see :func:`set_stream_bytes`.
 """
 
 from __future__ import annotations
@@ -39,10 +41,18 @@ import torch
 
 from .._cache import cache_root
 
-__all__ = ["KernelsUnavailableWarning", "available", "load", "loaded", "module", "status"]
+__all__ = [
+    "KernelsUnavailableWarning",
+    "available",
+    "load",
+    "loaded",
+    "module",
+    "set_stream_bytes",
+    "status",
+]
 
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "batchnorm_cpu.cpp"
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": None, "reason": "", "module": None}
 
@@ -211,3 +221,19 @@ def status() -> str:
     if load():
         return f"fused CPU kernels loaded from {cache_root() / 'kernels' / _key()}"
     return f"fused CPU kernels unavailable: {_state['reason']}"
+
+
+def set_stream_bytes(nbytes: int | None) -> int | None:
+    """Write float32 outputs of at least ``nbytes`` bytes with streaming stores; ``None``: never.
+
+    A streaming (non-temporal) store writes a cache line to memory without first reading it and
+    without keeping it in cache: for outputs too large to stay in cache, writing y or dx then
+    costs one memory transfer per line instead of two. For outputs the next op would still find
+    in cache it costs more, hence the threshold: 8 MiB by default (``BATCHNORM_STREAM_BYTES``),
+    chosen by measurement on the project's machine (``benchmarks/README.md``). Results are the
+    same either way, bit for bit. Returns the previous setting.
+    """
+    if not load():
+        raise RuntimeError(status())
+    old = torch.ops.batchnorm.set_stream_bytes(-1 if nbytes is None else int(nbytes))
+    return None if old < 0 else old
