@@ -11,9 +11,11 @@
 // Large float32 outputs (y, dx) are written with streaming stores (see write_run).
 //
 // Numerics (see also functional/stats.py):
-//   * every reduction is split into chunks (about 16K values) whose boundaries depend only on the
-//     shape. A chunk's moments are computed in two passes while it is in L1/L2 (its mean, then
-//     sums of d = x - mean), and chunks are merged with Chan et al.'s formula in float64 in a
+//   * every reduction is split into chunks (about 64K values) whose boundaries depend only on the
+//     shape. A chunk's moments are sums of d = x - K and d², K close to the chunk's mean: for
+//     planar inputs one pass around a shift taken from the chunk, redone around the chunk's mean
+//     (while it is in L1/L2) when the shift is more than σ/2 off; for rows inputs two passes (the
+//     mean, then the centered sums). Chunks are merged with Chan et al.'s formula in float64 in a
 //     fixed order: no E[x²] - E[x]² cancellation (inputs like 1e4 + N(0, 1) are exact to float
 //     rounding), and results do not depend on the number of threads;
 //   * inside a chunk, sums run in 64-byte vectors with several accumulators, each lane adding at
@@ -465,8 +467,13 @@ inline void run_sums(int64_t n, RunSums& r, const Step& step, const Scalar& scal
   for (; i < n; ++i) scalar(i, r.t1, r.t2);
 }
 
-// Moments of one chunk of one channel, two-pass while the chunk is in L1/L2: the chunk mean,
-// then Σd and Σd² with d = x - mean_hi (no cancellation whatever the offset or the data order).
+// Moments of one chunk of one channel. One pass over the chunk sums d and d² with d = x - K,
+// K a shift taken from a few values of the chunk (the first values of up to 16 of its maps). A
+// shifted one-pass M2 = Σd² - (Σd)²/n loses relative accuracy as (mean - K)²/σ² grows, so the
+// result is kept only when |mean - K| <= σ/2 (error at most ~2x the two-pass one); otherwise a
+// second pass, over the chunk while it is still in L1/L2, sums d = x - mean around the chunk's
+// mean (no cancellation whatever the offset or the data order). K and the choice depend only on
+// the chunk's values, so results still do not depend on the thread count.
 struct ChunkMoments {
   double mean, m2;
 };
@@ -478,35 +485,44 @@ ChunkMoments planar_chunk_moments(const T* __restrict x, const Geometry& g, int6
   using V = typename VecT<T>::type;
   constexpr int64_t L = VecT<T>::L;
   const double count = static_cast<double>((n1 - n0) * g.S);
-  RunSums first;
-  for (int64_t n = n0; n < n1; ++n) {
-    const T* __restrict p = x + (n * g.C + c) * g.S;
-    run_sums<false, V, L>(
-        g.S, first, [&](int64_t i, V& a, V&) { a += vload(p + i); },
-        [&](int64_t i, double& a, double&) { a += static_cast<double>(load(p[i])); });
+  auto centered_sums = [&](A center, double& sd, double& sdd) {
+    RunSums r;
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* __restrict p = x + (n * g.C + c) * g.S;
+      run_sums<true, V, L>(
+          g.S, r,
+          [&](int64_t i, V& a, V& b) {
+            const V d = vload(p + i) - center;
+            a += d;
+            b += d * d;
+          },
+          [&](int64_t i, double& a, double& b) {
+            const double d = static_cast<double>(load(p[i]) - center);
+            a += d;
+            b += d * d;
+          });
+    }
+    r.result(sd, sdd);
+  };
+  // the shift: the mean of the first few values of up to 16 maps spread over the chunk, at most
+  // L values per map and 1/16 of the chunk in all (small maps: the sample must stay cheap)
+  const int64_t maps = std::min<int64_t>(n1 - n0, 16), stride = (n1 - n0) / maps;
+  const int64_t head = std::clamp<int64_t>((n1 - n0) * g.S / (16 * maps), 1, std::min(g.S, L));
+  double ks = 0.0;
+  for (int64_t k = 0; k < maps; ++k) {
+    const T* __restrict p = x + ((n0 + k * stride) * g.C + c) * g.S;
+    for (int64_t i = 0; i < head; ++i) ks += static_cast<double>(load(p[i]));
   }
-  double sx, unused;
-  first.result(sx, unused);
-  const A center = static_cast<A>(sx / count);
-  RunSums second;
-  for (int64_t n = n0; n < n1; ++n) {
-    const T* __restrict p = x + (n * g.C + c) * g.S;
-    run_sums<true, V, L>(
-        g.S, second,
-        [&](int64_t i, V& a, V& b) {
-          const V d = vload(p + i) - center;
-          a += d;
-          b += d * d;
-        },
-        [&](int64_t i, double& a, double& b) {
-          const double d = static_cast<double>(load(p[i]) - center);
-          a += d;
-          b += d * d;
-        });
-  }
+  A center = static_cast<A>(ks / static_cast<double>(maps * head));
   double sd, sdd;
-  second.result(sd, sdd);
-  const double m2 = sdd - sd * (sd / count);
+  centered_sums(center, sd, sdd);
+  double m2 = sdd - sd * (sd / count);
+  const double offset = sd / count;  // mean - K
+  if (!(4.0 * offset * offset * count <= m2)) {  // |mean - K| > σ/2 (or not finite): recenter
+    center = static_cast<A>(static_cast<double>(center) + offset);
+    centered_sums(center, sd, sdd);
+    m2 = sdd - sd * (sd / count);
+  }
   return {static_cast<double>(center) + sd / count, m2 < 0.0 ? 0.0 : m2};
 }
 
