@@ -106,11 +106,14 @@ def test_large_input_gradients_avoid_4k_aliasing_with_the_input():
         "7x7",
     ],
 )
-def test_planar_statistics_are_exact_on_hard_inputs(threads, case):
-    """Per-channel statistics of planar inputs, in float64 from float32 values, are exact to ~1e-7
-    on inputs where a one-pass or badly shifted reduction is not: a large offset, one image far
-    from the others (in a chunk of 32 and of 1,337 feature maps), a ramp across each map, a
-    constant channel, chunks of one image, small 7×7 maps."""
+@pytest.mark.parametrize(
+    "fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"]
+)
+def test_statistics_are_exact_on_hard_inputs(threads, case, fmt):
+    """Per-channel statistics, in float64 from float32 values, are exact to ~1e-7 on inputs where
+    a one-pass or badly shifted reduction is not: a large offset, one image far from the others
+    (in a chunk of 32 and of 1,337 feature maps), a ramp across each map, a constant channel,
+    chunks of one image, small 7×7 maps; planar and rows (channels_last) layouts."""
     gen = torch.Generator().manual_seed(0)
     shape = {
         "one-image-chunks": (3, 2, 300, 300),  # 90,000 values per map: a chunk is one image
@@ -128,7 +131,7 @@ def test_planar_statistics_are_exact_on_hard_inputs(threads, case):
         x += torch.linspace(-3, 3, shape[2], dtype=torch.float64)[:, None] + 1e3
     elif case == "constant":
         x = torch.full(shape, 0.1, dtype=torch.float64)
-    x = x.float()
+    x = x.float().contiguous(memory_format=fmt)
     ref = x.double()
     dims = [0, 2, 3]
     mean_ref, var_ref = ref.mean(dims), ref.var(dims, unbiased=False)
@@ -149,6 +152,7 @@ LARGE = {
     "nchw-odd": ((3, 8, 301, 307), None),
     "nhwc": ((4, 32, 130, 130), torch.channels_last),
     "2d": ((2100, 1024), None),
+    "one-channel": ((2, 1, 1100, 1000), None),  # chunks of one channel normalized in parallel
 }
 
 
@@ -166,9 +170,10 @@ def _all_outputs(x, g, w, b):
 
 
 @pytest.mark.parametrize("case", LARGE)
-def test_large_outputs_match_float64_and_the_unstreamed_path(case):
+def test_large_outputs_match_float64_and_the_unstreamed_path(case, threads):
     """y and dx of large inputs (one call and the SyncBatchNorm steps) agree with the float64
     reference, and bit for bit with streaming stores turned off."""
+    threads(2)
     shape, fmt = LARGE[case]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen) * 2 + 5

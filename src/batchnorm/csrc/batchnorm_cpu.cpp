@@ -12,12 +12,11 @@
 //
 // Numerics (see also functional/stats.py):
 //   * every reduction is split into chunks (about 64K values) whose boundaries depend only on the
-//     shape. A chunk's moments are sums of d = x - K and d², K close to the chunk's mean: for
-//     planar inputs one pass around a shift taken from the chunk, redone around the chunk's mean
-//     (while it is in L1/L2) when the shift is more than σ/2 off; for rows inputs two passes (the
-//     mean, then the centered sums). Chunks are merged with Chan et al.'s formula in float64 in a
-//     fixed order: no E[x²] - E[x]² cancellation (inputs like 1e4 + N(0, 1) are exact to float
-//     rounding), and results do not depend on the number of threads;
+//     shape. A chunk's moments are sums of d = x - K and d² in one pass, K a shift taken from a
+//     few of the chunk's values, redone around the chunk's mean (while it is in L1/L2) when K is
+//     too far from it (planar: σ/2, rows: σ); chunks are merged with Chan et al.'s formula in
+//     float64 in a fixed order: no E[x²] - E[x]² cancellation (inputs like 1e4 + N(0, 1) are
+//     exact to float rounding), and results do not depend on the number of threads;
 //   * inside a chunk, sums run in 64-byte vectors with several accumulators, each lane adding at
 //     most 16 values in float before flushing into float64;
 //   * x - mean is computed as x - mean_hi, mean_hi the float64 mean rounded to the compute type,
@@ -597,8 +596,12 @@ inline void rows_block_sums(int64_t C, int64_t r0, int64_t r1, double* __restric
   }
 }
 
-// Per-channel moments of rows [r0, r1): chunk means, then centered sums (two passes over a chunk
-// that is in L1/L2). Writes mean[C] and m2[C]; `scratch` holds 2·C doubles and C compute values.
+// Per-channel moments of rows [r0, r1), as planar_chunk_moments: one pass around per-channel
+// shifts K (the mean of up to 16 rows spread over the chunk), redone for all channels, with the
+// failing channels recentered on their chunk mean, when some channel's K is more than σ off
+// (error at most ~2x the two-pass one; a tighter bound would redo nearly every chunk of a
+// many-channel input, whose shifts come from fewer rows). Writes mean[C] and m2[C]; `scratch`
+// holds 2·C doubles and `center` C compute values.
 template <typename T>
 void rows_chunk_moments(const T* __restrict x, const Geometry& g, int64_t r0, int64_t r1,
                         double* __restrict mean, double* __restrict m2, double* __restrict scratch,
@@ -608,29 +611,45 @@ void rows_chunk_moments(const T* __restrict x, const Geometry& g, int64_t r0, in
   constexpr int64_t L = VecT<T>::L;
   const int64_t C = g.C;
   const double count = static_cast<double>(r1 - r0);
+  const int64_t samples = std::min<int64_t>(r1 - r0, 16), stride = (r1 - r0) / samples;
   double* sx = scratch;
   double* unused = scratch + C;
   std::fill(scratch, scratch + 2 * C, 0.0);
   rows_block_sums<false, V, L>(
-      C, r0, r1, sx, unused, [&](int64_t r, int64_t c, V& a, V&) { a += vload(x + r * C + c); },
-      [&](int64_t r, int64_t c, double& a, double&) { a += static_cast<double>(load(x[r * C + c])); });
-  for (int64_t c = 0; c < C; ++c) center[c] = static_cast<A>(sx[c] / count);
-  std::fill(mean, mean + C, 0.0);
-  std::fill(m2, m2 + C, 0.0);
-  rows_block_sums<true, V, L>(
-      C, r0, r1, mean, m2,
-      [&](int64_t r, int64_t c, V& a, V& b) {
-        V cv;
-        std::memcpy(&cv, center + c, sizeof(cv));
-        const V d = vload(x + r * C + c) - cv;
-        a += d;
-        b += d * d;
-      },
-      [&](int64_t r, int64_t c, double& a, double& b) {
-        const double d = static_cast<double>(load(x[r * C + c]) - center[c]);
-        a += d;
-        b += d * d;
+      C, 0, samples, sx, unused,
+      [&](int64_t k, int64_t c, V& a, V&) { a += vload(x + (r0 + k * stride) * C + c); },
+      [&](int64_t k, int64_t c, double& a, double&) {
+        a += static_cast<double>(load(x[(r0 + k * stride) * C + c]));
       });
+  for (int64_t c = 0; c < C; ++c) center[c] = static_cast<A>(sx[c] / static_cast<double>(samples));
+  auto centered_sums = [&] {
+    std::fill(mean, mean + C, 0.0);
+    std::fill(m2, m2 + C, 0.0);
+    rows_block_sums<true, V, L>(
+        C, r0, r1, mean, m2,
+        [&](int64_t r, int64_t c, V& a, V& b) {
+          V cv;
+          std::memcpy(&cv, center + c, sizeof(cv));
+          const V d = vload(x + r * C + c) - cv;
+          a += d;
+          b += d * d;
+        },
+        [&](int64_t r, int64_t c, double& a, double& b) {
+          const double d = static_cast<double>(load(x[r * C + c]) - center[c]);
+          a += d;
+          b += d * d;
+        });
+  };
+  centered_sums();
+  bool redo = false;
+  for (int64_t c = 0; c < C; ++c) {
+    const double offset = mean[c] / count, v = m2[c] - mean[c] * offset;  // mean - K, M2
+    if (!(offset * offset * count <= v)) {  // |mean - K| > σ (or not finite): recenter
+      center[c] = static_cast<A>(static_cast<double>(center[c]) + offset);
+      redo = true;
+    }
+  }
+  if (redo) centered_sums();  // the other channels' sums come out the same
   for (int64_t c = 0; c < C; ++c) {
     const double sd = mean[c], v = m2[c] - sd * (sd / count);
     mean[c] = static_cast<double>(center[c]) + sd / count;
