@@ -5,7 +5,9 @@
 // still in cache where the layout allows:
 //
 //   * "planar" inputs (contiguous N, C, *spatial with spatial size S > 1): one task per channel
-//     computes the channel's statistics and then normalizes it while its N·S values sit in L2;
+//     computes the channel's statistics and then normalizes it while its N·S values sit in L2,
+//     in the same loop as the next channel's statistics pass (planar_driver), so that reading
+//     one channel from memory overlaps writing the other's output;
 //   * "rows" inputs (2-D (N, C), and channels_last / channels_last_3d): the reduction runs over
 //     rows with per-channel accumulators, then an elementwise pass applies the result.
 // Large float32 outputs (y, dx) are written with streaming stores (see write_run).
@@ -477,25 +479,35 @@ struct ChunkMoments {
   double mean, m2;
 };
 
-template <typename T>
+// No elementwise work riding along a statistics pass (see planar_chunk_moments).
+struct NoSide {
+  void vec(int64_t, int64_t) const {}
+  void scalar(int64_t, int64_t) const {}
+};
+
+template <typename T, typename Side = NoSide>
 ChunkMoments planar_chunk_moments(const T* __restrict x, const Geometry& g, int64_t c,
-                                  int64_t n0, int64_t n1) {
+                                  int64_t n0, int64_t n1, const Side& side = Side{}) {
   using A = typename Compute<T>::type;
   using V = typename VecT<T>::type;
   constexpr int64_t L = VecT<T>::L;
   const double count = static_cast<double>((n1 - n0) * g.S);
-  auto centered_sums = [&](A center, double& sd, double& sdd) {
+  // `side.vec(n, i)` / `side.scalar(n, i)` run at every position of the first pass (the
+  // previous channel's normalization: see planar_driver)
+  auto centered_sums = [&](auto with_side, A center, double& sd, double& sdd) {
     RunSums r;
     for (int64_t n = n0; n < n1; ++n) {
       const T* __restrict p = x + (n * g.C + c) * g.S;
       run_sums<true, V, L>(
           g.S, r,
           [&](int64_t i, V& a, V& b) {
+            if constexpr (decltype(with_side)::value) side.vec(n, i);
             const V d = vload(p + i) - center;
             a += d;
             b += d * d;
           },
           [&](int64_t i, double& a, double& b) {
+            if constexpr (decltype(with_side)::value) side.scalar(n, i);
             const double d = static_cast<double>(load(p[i]) - center);
             a += d;
             b += d * d;
@@ -514,22 +526,23 @@ ChunkMoments planar_chunk_moments(const T* __restrict x, const Geometry& g, int6
   }
   A center = static_cast<A>(ks / static_cast<double>(maps * head));
   double sd, sdd;
-  centered_sums(center, sd, sdd);
+  centered_sums(std::bool_constant<!std::is_same_v<Side, NoSide>>{}, center, sd, sdd);
   double m2 = sdd - sd * (sd / count);
   const double offset = sd / count;  // mean - K
   if (!(4.0 * offset * offset * count <= m2)) {  // |mean - K| > σ/2 (or not finite): recenter
     center = static_cast<A>(static_cast<double>(center) + offset);
-    centered_sums(center, sd, sdd);
+    centered_sums(std::false_type{}, center, sd, sdd);
     m2 = sdd - sd * (sd / count);
   }
   return {static_cast<double>(center) + sd / count, m2 < 0.0 ? 0.0 : m2};
 }
 
-// Σg and Σg(x - mean_hi) over one chunk of one channel (the caller corrects for mean - mean_hi).
-template <typename T>
+// Σg and Σg(x - mean_hi) over one chunk of one channel (the caller corrects for mean - mean_hi);
+// `side` as in planar_chunk_moments.
+template <typename T, typename Side = NoSide>
 void planar_chunk_grad_sums(const T* __restrict gy, const T* __restrict x, const Geometry& g,
                             int64_t c, int64_t n0, int64_t n1, typename Compute<T>::type mh,
-                            double& s1, double& s2) {
+                            double& s1, double& s2, const Side& side = Side{}) {
   using V = typename VecT<T>::type;
   constexpr int64_t L = VecT<T>::L;
   RunSums r;
@@ -540,11 +553,13 @@ void planar_chunk_grad_sums(const T* __restrict gy, const T* __restrict x, const
     run_sums<true, V, L>(
         g.S, r,
         [&](int64_t i, V& a, V& b) {
+          side.vec(n, i);
           const V gv = vload(pg + i);
           a += gv;
           b += gv * (vload(px + i) - mh);
         },
         [&](int64_t i, double& a, double& b) {
+          side.scalar(n, i);
           const auto gv = load(pg[i]);
           a += static_cast<double>(gv);
           b += static_cast<double>(gv * (load(px[i]) - mh));
@@ -765,6 +780,53 @@ inline void planar_forward(const T* __restrict x, T* __restrict y, const Geometr
   if (stream) stream_fence();
 }
 
+// planar_forward of channel c at one position, riding along another channel's statistics pass
+// (planar_driver); with `stream`, every map must start 64-byte aligned.
+template <typename T>
+struct ForwardSide {
+  using A = typename Compute<T>::type;
+  ForwardSide(const T* x, T* y, const Geometry& g, int64_t c, const ChannelAffine<T>& a,
+              bool stream)
+      : x(x), y(y), C(g.C), S(g.S), c(c), mh(a.mean_hi[c]), k1(a.k1[c]), k3(a.k3[c]),
+        stream(stream) {}
+  const T* x;
+  T* y;
+  int64_t C, S, c;
+  A mh, k1, k3;
+  bool stream;
+  void vec(int64_t n, int64_t i) const {
+    const int64_t off = (n * C + c) * S + i;
+    vput(y + off, (vload(x + off) - mh) * k1 + k3, stream);
+  }
+  void scalar(int64_t n, int64_t i) const {
+    const int64_t off = (n * C + c) * S + i;
+    store(y + off, (load(x[off]) - mh) * k1 + k3);
+  }
+};
+
+// planar_backward of channel c at one position, riding along another channel's reduction pass.
+template <typename T>
+struct BackwardSide {
+  using A = typename Compute<T>::type;
+  BackwardSide(const T* gy, const T* x, T* dx, const Geometry& g, int64_t c,
+               const ChannelAffine<T>& a, bool stream)
+      : gy(gy), x(x), dx(dx), C(g.C), S(g.S), c(c), mh(a.mean_hi[c]), k1(a.k1[c]), k2(a.k2[c]),
+        k3(a.k3[c]), stream(stream) {}
+  const T *gy, *x;
+  T* dx;
+  int64_t C, S, c;
+  A mh, k1, k2, k3;
+  bool stream;
+  void vec(int64_t n, int64_t i) const {
+    const int64_t off = (n * C + c) * S + i;
+    vput(dx + off, k1 * vload(gy + off) - (k2 * (vload(x + off) - mh) + k3), stream);
+  }
+  void scalar(int64_t n, int64_t i) const {
+    const int64_t off = (n * C + c) * S + i;
+    store(dx + off, k1 * load(gy[off]) - (k2 * (load(x[off]) - mh) + k3));
+  }
+};
+
 template <typename T>
 inline void rows_forward(const T* __restrict x, T* __restrict y, const Geometry& g, int64_t r0,
                          int64_t r1, const ChannelAffine<T>& a) {
@@ -880,22 +942,28 @@ struct Partials {
   }
 };
 
+//
+// `sums(c, n0, n1, rec, prev)` may also normalize channel `prev` over the same maps in the same
+// loop (prev >= 0, only when `pipeline`): the statistics pass of channel c then reads from memory
+// while the previous channel's output is written, instead of one after the other.
 template <typename Sums, typename Finish, typename Apply>
 void planar_driver(const Geometry& g, const Sums& sums, const Finish& finish, const Apply& apply,
-                   bool has_apply) {
+                   bool has_apply, bool pipeline) {
   const Chunking ch = chunking(g);
   const int64_t C = g.C;
-  auto run_chunk = [&](int64_t c, int64_t k, double* rec) {
+  auto run_chunk = [&](int64_t c, int64_t k, double* rec, int64_t prev) {
     const int64_t n0 = k * ch.per;
-    sums(c, n0, std::min(g.N, n0 + ch.per), rec);
+    sums(c, n0, std::min(g.N, n0 + ch.per), rec, prev);
   };
   if (C >= at::get_num_threads() || g.total() < kSerialBelow) {
+    const bool piped = has_apply && pipeline;
     parallel(C, g.total(), [&](int64_t c0, int64_t c1) {
       std::vector<double> part(2 * ch.count);
       for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t k = 0; k < ch.count; ++k) run_chunk(c, k, &part[2 * k]);
+        const int64_t prev = piped && c > c0 ? c - 1 : -1;  // normalized during c's pass
+        for (int64_t k = 0; k < ch.count; ++k) run_chunk(c, k, &part[2 * k], prev);
         finish(c, Partials{part.data(), 2, 1, ch, g.N, g.S});
-        if (has_apply) apply(c, int64_t{0}, g.N);
+        if (has_apply && !(piped && c + 1 < c1)) apply(c, int64_t{0}, g.N);
       }
     });
     return;
@@ -903,7 +971,7 @@ void planar_driver(const Geometry& g, const Sums& sums, const Finish& finish, co
   const int64_t items = C * ch.count;
   std::vector<double> part(2 * items);
   parallel(items, g.total(), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) run_chunk(i / ch.count, i % ch.count, &part[2 * i]);
+    for (int64_t i = i0; i < i1; ++i) run_chunk(i / ch.count, i % ch.count, &part[2 * i], -1);
   });
   for (int64_t c = 0; c < C; ++c)
     finish(c, Partials{&part[2 * c * ch.count], 2, 1, ch, g.N, g.S});
@@ -983,15 +1051,22 @@ void forward_kernel(const T* x, T* y, const Geometry& g, double* mean, double* v
     if (apply) a->forward_constants(c, mean[c], var[c], eps, gamma, beta);
   };
   if (g.layout == Layout::Planar) {
+    // pipelined unless streaming stores would be misaligned (maps not a whole number of vectors)
+    const bool stream = apply && stream_output(y, g);
+    const bool pipeline = apply && (!stream || (g.S % VecT<T>::L == 0 && aligned64(y)));
     planar_driver(
         g,
-        [&](int64_t c, int64_t n0, int64_t n1, double* rec) {
-          const ChunkMoments cm = planar_chunk_moments(x, g, c, n0, n1);
+        [&](int64_t c, int64_t n0, int64_t n1, double* rec, int64_t prev) {
+          const ChunkMoments cm =
+              prev < 0 ? planar_chunk_moments(x, g, c, n0, n1)
+                       : planar_chunk_moments(x, g, c, n0, n1,
+                                              ForwardSide<T>{x, y, g, prev, *a, stream});
+          if (prev >= 0 && stream) stream_fence();
           rec[0] = cm.mean;
           rec[1] = cm.m2;
         },
         finish, [&](int64_t c, int64_t n0, int64_t n1) { planar_forward(x, y, g, c, n0, n1, *a); },
-        apply);
+        apply, pipeline);
   } else {
     rows_driver(
         g,
@@ -1056,14 +1131,22 @@ void backward_kernel(const T* gy, const T* x, T* dx, const Geometry& g, const do
     if (apply) a.backward_constants(c, mean[c], inv[c], sum_g[c], sum_gc[c], m, gamma);
   };
   if (g.layout == Layout::Planar) {
+    const bool stream = apply && stream_output(dx, g);
+    const bool pipeline = apply && (!stream || (g.S % VecT<T>::L == 0 && aligned64(dx)));
     planar_driver(
         g,
-        [&](int64_t c, int64_t n0, int64_t n1, double* rec) {
-          planar_chunk_grad_sums(gy, x, g, c, n0, n1, a.mean_hi[c], rec[0], rec[1]);
+        [&](int64_t c, int64_t n0, int64_t n1, double* rec, int64_t prev) {
+          if (prev < 0) {
+            planar_chunk_grad_sums(gy, x, g, c, n0, n1, a.mean_hi[c], rec[0], rec[1]);
+            return;
+          }
+          planar_chunk_grad_sums(gy, x, g, c, n0, n1, a.mean_hi[c], rec[0], rec[1],
+                                 BackwardSide<T>{gy, x, dx, g, prev, a, stream});
+          if (stream) stream_fence();
         },
         finish,
         [&](int64_t c, int64_t n0, int64_t n1) { planar_backward(gy, x, dx, g, c, n0, n1, a); },
-        apply);
+        apply, pipeline);
   } else {
     rows_driver(
         g,
