@@ -764,68 +764,71 @@ inline bool stream_output(const T* out, const Geometry& g) {
   return g.layout == Layout::Planar || (g.C % VecT<T>::L == 0 && aligned64(out));
 }
 
-template <typename T>
-inline void planar_forward(const T* __restrict x, T* __restrict y, const Geometry& g, int64_t c,
-                           int64_t n0, int64_t n1, const ChannelAffine<T>& a) {
-  using A = typename Compute<T>::type;
-  const A mh = a.mean_hi[c], k1 = a.k1[c], k3 = a.k3[c];
-  const bool stream = stream_output(y, g);
-  for (int64_t n = n0; n < n1; ++n) {
-    const int64_t off = (n * g.C + c) * g.S;
-    const T* __restrict p = x + off;
-    write_run(
-        y + off, g.S, stream, [&](int64_t s) { return (vload(p + s) - mh) * k1 + k3; },
-        [&](int64_t s) { return (load(p[s]) - mh) * k1 + k3; });
+// The elementwise passes over channel c of a planar input, forward (y = (x - mean_hi)·k1 + k3)
+// and backward (dx = k1·g - (k2·(x - mean_hi) + k3)). `run(n0, n1)` writes maps [n0, n1);
+// `vec(n, i)` / `scalar(n, i)` write one position of map n, for planar_driver, which runs them
+// inside another channel's reduction pass (with `stream`, i must then be 64-byte aligned).
+template <typename T, typename Derived>
+struct PlanarPass {
+  T* out;
+  int64_t C, S, c;
+  bool stream;
+  const Derived& self() const { return static_cast<const Derived&>(*this); }
+  void vec(int64_t n, int64_t i) const {
+    const int64_t off = (n * C + c) * S + i;
+    vput(out + off, self().value(off), stream);
   }
-  if (stream) stream_fence();
+  void scalar(int64_t n, int64_t i) const {
+    const int64_t off = (n * C + c) * S + i;
+    store(out + off, self().value1(off));
+  }
+  void run(int64_t n0, int64_t n1) const {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t off = (n * C + c) * S;
+      write_run(
+          out + off, S, stream, [&](int64_t s) { return self().value(off + s); },
+          [&](int64_t s) { return self().value1(off + s); });
+    }
+    if (stream) stream_fence();
+  }
+};
+
+template <typename T>
+struct PlanarForward : PlanarPass<T, PlanarForward<T>> {
+  using A = typename Compute<T>::type;
+  PlanarForward(const T* x, T* y, const Geometry& g, int64_t c, const ChannelAffine<T>& a)
+      : PlanarPass<T, PlanarForward<T>>{y, g.C, g.S, c, stream_output(y, g)}, x(x),
+        mh(a.mean_hi[c]), k1(a.k1[c]), k3(a.k3[c]) {}
+  const T* x;
+  A mh, k1, k3;
+  auto value(int64_t off) const { return (vload(x + off) - mh) * k1 + k3; }
+  A value1(int64_t off) const { return (load(x[off]) - mh) * k1 + k3; }
+};
+
+template <typename T>
+struct PlanarBackward : PlanarPass<T, PlanarBackward<T>> {
+  using A = typename Compute<T>::type;
+  PlanarBackward(const T* gy, const T* x, T* dx, const Geometry& g, int64_t c,
+                 const ChannelAffine<T>& a)
+      : PlanarPass<T, PlanarBackward<T>>{dx, g.C, g.S, c, stream_output(dx, g)}, gy(gy), x(x),
+        mh(a.mean_hi[c]), k1(a.k1[c]), k2(a.k2[c]), k3(a.k3[c]) {}
+  const T *gy, *x;
+  A mh, k1, k2, k3;
+  auto value(int64_t off) const { return k1 * vload(gy + off) - (k2 * (vload(x + off) - mh) + k3); }
+  A value1(int64_t off) const { return k1 * load(gy[off]) - (k2 * (load(x[off]) - mh) + k3); }
+};
+
+template <typename T>
+inline void planar_forward(const T* x, T* y, const Geometry& g, int64_t c, int64_t n0, int64_t n1,
+                           const ChannelAffine<T>& a) {
+  PlanarForward<T>(x, y, g, c, a).run(n0, n1);
 }
 
-// planar_forward of channel c at one position, riding along another channel's statistics pass
-// (planar_driver); with `stream`, every map must start 64-byte aligned.
 template <typename T>
-struct ForwardSide {
-  using A = typename Compute<T>::type;
-  ForwardSide(const T* x, T* y, const Geometry& g, int64_t c, const ChannelAffine<T>& a,
-              bool stream)
-      : x(x), y(y), C(g.C), S(g.S), c(c), mh(a.mean_hi[c]), k1(a.k1[c]), k3(a.k3[c]),
-        stream(stream) {}
-  const T* x;
-  T* y;
-  int64_t C, S, c;
-  A mh, k1, k3;
-  bool stream;
-  void vec(int64_t n, int64_t i) const {
-    const int64_t off = (n * C + c) * S + i;
-    vput(y + off, (vload(x + off) - mh) * k1 + k3, stream);
-  }
-  void scalar(int64_t n, int64_t i) const {
-    const int64_t off = (n * C + c) * S + i;
-    store(y + off, (load(x[off]) - mh) * k1 + k3);
-  }
-};
-
-// planar_backward of channel c at one position, riding along another channel's reduction pass.
-template <typename T>
-struct BackwardSide {
-  using A = typename Compute<T>::type;
-  BackwardSide(const T* gy, const T* x, T* dx, const Geometry& g, int64_t c,
-               const ChannelAffine<T>& a, bool stream)
-      : gy(gy), x(x), dx(dx), C(g.C), S(g.S), c(c), mh(a.mean_hi[c]), k1(a.k1[c]), k2(a.k2[c]),
-        k3(a.k3[c]), stream(stream) {}
-  const T *gy, *x;
-  T* dx;
-  int64_t C, S, c;
-  A mh, k1, k2, k3;
-  bool stream;
-  void vec(int64_t n, int64_t i) const {
-    const int64_t off = (n * C + c) * S + i;
-    vput(dx + off, k1 * vload(gy + off) - (k2 * (vload(x + off) - mh) + k3), stream);
-  }
-  void scalar(int64_t n, int64_t i) const {
-    const int64_t off = (n * C + c) * S + i;
-    store(dx + off, k1 * load(gy[off]) - (k2 * (load(x[off]) - mh) + k3));
-  }
-};
+inline void planar_backward(const T* gy, const T* x, T* dx, const Geometry& g, int64_t c,
+                            int64_t n0, int64_t n1, const ChannelAffine<T>& a) {
+  PlanarBackward<T>(gy, x, dx, g, c, a).run(n0, n1);
+}
 
 template <typename T>
 inline void rows_forward(const T* __restrict x, T* __restrict y, const Geometry& g, int64_t r0,
@@ -846,25 +849,6 @@ inline void rows_forward(const T* __restrict x, T* __restrict y, const Geometry&
       vput(q + c, (vload(p + c) - mh) * k1 + k3, stream);
     }
     for (; c < C; ++c) store(q + c, (load(p[c]) - a.mean_hi[c]) * a.k1[c] + a.k3[c]);
-  }
-  if (stream) stream_fence();
-}
-
-template <typename T>
-inline void planar_backward(const T* __restrict gy, const T* __restrict x, T* __restrict dx,
-                            const Geometry& g, int64_t c, int64_t n0, int64_t n1,
-                            const ChannelAffine<T>& a) {
-  using A = typename Compute<T>::type;
-  const A mh = a.mean_hi[c], k1 = a.k1[c], k2 = a.k2[c], k3 = a.k3[c];
-  const bool stream = stream_output(dx, g);
-  for (int64_t n = n0; n < n1; ++n) {
-    const int64_t off = (n * g.C + c) * g.S;
-    const T* __restrict pg = gy + off;
-    const T* __restrict px = x + off;
-    write_run(
-        dx + off, g.S, stream,
-        [&](int64_t s) { return k1 * vload(pg + s) - (k2 * (vload(px + s) - mh) + k3); },
-        [&](int64_t s) { return k1 * load(pg[s]) - (k2 * (load(px[s]) - mh) + k3); });
   }
   if (stream) stream_fence();
 }
@@ -1060,7 +1044,7 @@ void forward_kernel(const T* x, T* y, const Geometry& g, double* mean, double* v
           const ChunkMoments cm =
               prev < 0 ? planar_chunk_moments(x, g, c, n0, n1)
                        : planar_chunk_moments(x, g, c, n0, n1,
-                                              ForwardSide<T>{x, y, g, prev, *a, stream});
+                                              PlanarForward<T>(x, y, g, prev, *a));
           if (prev >= 0 && stream) stream_fence();
           rec[0] = cm.mean;
           rec[1] = cm.m2;
@@ -1141,7 +1125,7 @@ void backward_kernel(const T* gy, const T* x, T* dx, const Geometry& g, const do
             return;
           }
           planar_chunk_grad_sums(gy, x, g, c, n0, n1, a.mean_hi[c], rec[0], rec[1],
-                                 BackwardSide<T>{gy, x, dx, g, prev, a, stream});
+                                 PlanarBackward<T>(gy, x, dx, g, prev, a));
           if (stream) stream_fence();
         },
         finish,
