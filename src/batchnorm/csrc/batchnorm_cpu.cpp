@@ -52,7 +52,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -493,21 +492,21 @@ ChunkMoments planar_chunk_moments(const T* __restrict x, const Geometry& g, int6
   constexpr int64_t L = VecT<T>::L;
   const double count = static_cast<double>((n1 - n0) * g.S);
   // `side.vec(n, i)` / `side.scalar(n, i)` run at every position of the first pass (the
-  // previous channel's normalization: see planar_driver)
-  auto centered_sums = [&](auto with_side, A center, double& sd, double& sdd) {
+  // previous channel's normalization: see planar_driver), not in a second one
+  auto centered_sums = [&](const auto& along, A center, double& sd, double& sdd) {
     RunSums r;
     for (int64_t n = n0; n < n1; ++n) {
       const T* __restrict p = x + (n * g.C + c) * g.S;
       run_sums<true, V, L>(
           g.S, r,
           [&](int64_t i, V& a, V& b) {
-            if constexpr (decltype(with_side)::value) side.vec(n, i);
+            along.vec(n, i);
             const V d = vload(p + i) - center;
             a += d;
             b += d * d;
           },
           [&](int64_t i, double& a, double& b) {
-            if constexpr (decltype(with_side)::value) side.scalar(n, i);
+            along.scalar(n, i);
             const double d = static_cast<double>(load(p[i]) - center);
             a += d;
             b += d * d;
@@ -526,12 +525,12 @@ ChunkMoments planar_chunk_moments(const T* __restrict x, const Geometry& g, int6
   }
   A center = static_cast<A>(ks / static_cast<double>(maps * head));
   double sd, sdd;
-  centered_sums(std::bool_constant<!std::is_same_v<Side, NoSide>>{}, center, sd, sdd);
+  centered_sums(side, center, sd, sdd);
   double m2 = sdd - sd * (sd / count);
   const double offset = sd / count;  // mean - K
   if (!(4.0 * offset * offset * count <= m2)) {  // |mean - K| > σ/2 (or not finite): recenter
     center = static_cast<A>(static_cast<double>(center) + offset);
-    centered_sums(std::false_type{}, center, sd, sdd);
+    centered_sums(NoSide{}, center, sd, sdd);
     m2 = sdd - sd * (sd / count);
   }
   return {static_cast<double>(center) + sd / count, m2 < 0.0 ? 0.0 : m2};
