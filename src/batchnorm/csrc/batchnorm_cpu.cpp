@@ -155,6 +155,10 @@ Chunking chunking(const Geometry& g) {
   const int64_t span = g.layout == Layout::Planar ? g.N : g.rows();
   const int64_t unit = g.layout == Layout::Planar ? g.S : g.C;
   int64_t per = std::max<int64_t>(1, kChunk / std::max<int64_t>(unit, 1));
+  // wide rows: at least 256 rows per chunk while that leaves 8 chunks or more (fewer chunk
+  // partials to merge, and the shift sample stays a small part of a chunk; measured 20% off the
+  // statistics of a 4096 x 1024 input)
+  if (g.layout == Layout::Rows) per = std::max(per, std::min<int64_t>(256, span / 8));
   per = std::min(per, std::max<int64_t>(span, 1));
   return {per, (span + per - 1) / per};
 }
