@@ -146,7 +146,7 @@ def test_statistics_are_exact_on_hard_inputs(threads, case, fmt):
             torch.testing.assert_close(var, var_ref, rtol=2e-7, atol=0)
 
 
-# Outputs of 8 MiB or more are written with streaming stores (csrc: `streams`); odd planar
+# Outputs of 8 MiB or more are written with streaming stores (csrc: `stream_output`); odd planar
 # sizes leave each feature map's start unaligned, so the scalar head and tail run too.
 LARGE = {
     "nchw-odd": ((3, 8, 301, 307), None),

@@ -172,10 +172,6 @@ std::atomic<int64_t>& stream_threshold() {
   }()};
   return bytes;
 }
-inline bool streams(const Geometry& g, size_t elem) {
-  const int64_t t = stream_threshold().load(std::memory_order_relaxed);
-  return t >= 0 && g.total() * static_cast<int64_t>(elem) >= t;
-}
 
 template <typename F>
 void parallel(int64_t n, int64_t total_values, const F& f) {
@@ -708,7 +704,7 @@ void rows_chunk_grad_sums(const T* __restrict gy, const T* __restrict x, const G
 // here (benchmarks/bm_stream.py): BN alone on 13-34 MB inputs 1.35-2.2x faster, and BN followed
 // by ReLU and a residual add still 1.1-1.5x faster although the add now reads y from memory; on
 // 6 MB outputs, which the next op otherwise finds in cache, that chain was up to 15% slower,
-// hence the threshold in `streams`.
+// hence the threshold in `stream_output`.
 #if defined(__AVX512F__)
 constexpr bool kCanStream = true;
 inline void stream_store(float* p, const vf& v) {
@@ -759,12 +755,22 @@ inline void write_run(T* __restrict q, int64_t n, bool stream, const F& f, const
   for (; i < n; ++i) store(q + i, fs(i));
 }
 
-// Whether a pass writing `out` with geometry g streams: float32, large, and for the rows layout
-// every row's vectors aligned (C a multiple of the vector length).
+// Whether a pass writing `out` with geometry g streams: float32, at least stream_threshold()
+// bytes, and for the rows layout every row's vectors aligned (C a multiple of the vector length).
 template <typename T>
 inline bool stream_output(const T* out, const Geometry& g) {
-  if (!std::is_same_v<T, float> || !kCanStream || !streams(g, sizeof(T))) return false;
+  if (!std::is_same_v<T, float> || !kCanStream) return false;
+  const int64_t threshold = stream_threshold().load(std::memory_order_relaxed);
+  if (threshold < 0 || g.total() * static_cast<int64_t>(sizeof(T)) < threshold) return false;
   return g.layout == Layout::Planar || (g.C % VecT<T>::L == 0 && aligned64(out));
+}
+
+// Whether planar_driver may run a channel's elementwise pass writing `out` inside the next
+// channel's reduction: always, unless streaming stores would land on maps that do not start
+// 64-byte aligned (S not a whole number of vectors).
+template <typename T>
+inline bool pipelines(const T* out, const Geometry& g) {
+  return !stream_output(out, g) || (g.S % VecT<T>::L == 0 && aligned64(out));
 }
 
 // The elementwise passes over channel c of a planar input, forward (y = (x - mean_hi)·k1 + k3)
@@ -1038,22 +1044,22 @@ void forward_kernel(const T* x, T* y, const Geometry& g, double* mean, double* v
     if (apply) a->forward_constants(c, mean[c], var[c], eps, gamma, beta);
   };
   if (g.layout == Layout::Planar) {
-    // pipelined unless streaming stores would be misaligned (maps not a whole number of vectors)
-    const bool stream = apply && stream_output(y, g);
-    const bool pipeline = apply && (!stream || (g.S % VecT<T>::L == 0 && aligned64(y)));
     planar_driver(
         g,
         [&](int64_t c, int64_t n0, int64_t n1, double* rec, int64_t prev) {
-          const ChunkMoments cm =
-              prev < 0 ? planar_chunk_moments(x, g, c, n0, n1)
-                       : planar_chunk_moments(x, g, c, n0, n1,
-                                              PlanarForward<T>(x, y, g, prev, *a));
-          if (prev >= 0 && stream) stream_fence();
+          ChunkMoments cm;
+          if (prev < 0) {
+            cm = planar_chunk_moments(x, g, c, n0, n1);
+          } else {
+            const PlanarForward<T> along(x, y, g, prev, *a);
+            cm = planar_chunk_moments(x, g, c, n0, n1, along);
+            if (along.stream) stream_fence();
+          }
           rec[0] = cm.mean;
           rec[1] = cm.m2;
         },
         finish, [&](int64_t c, int64_t n0, int64_t n1) { planar_forward(x, y, g, c, n0, n1, *a); },
-        apply, pipeline);
+        apply, apply && pipelines(y, g));
   } else {
     rows_driver(
         g,
@@ -1118,22 +1124,20 @@ void backward_kernel(const T* gy, const T* x, T* dx, const Geometry& g, const do
     if (apply) a.backward_constants(c, mean[c], inv[c], sum_g[c], sum_gc[c], m, gamma);
   };
   if (g.layout == Layout::Planar) {
-    const bool stream = apply && stream_output(dx, g);
-    const bool pipeline = apply && (!stream || (g.S % VecT<T>::L == 0 && aligned64(dx)));
     planar_driver(
         g,
         [&](int64_t c, int64_t n0, int64_t n1, double* rec, int64_t prev) {
           if (prev < 0) {
             planar_chunk_grad_sums(gy, x, g, c, n0, n1, a.mean_hi[c], rec[0], rec[1]);
-            return;
+          } else {
+            const PlanarBackward<T> along(gy, x, dx, g, prev, a);
+            planar_chunk_grad_sums(gy, x, g, c, n0, n1, a.mean_hi[c], rec[0], rec[1], along);
+            if (along.stream) stream_fence();
           }
-          planar_chunk_grad_sums(gy, x, g, c, n0, n1, a.mean_hi[c], rec[0], rec[1],
-                                 PlanarBackward<T>(gy, x, dx, g, prev, a));
-          if (stream) stream_fence();
         },
         finish,
         [&](int64_t c, int64_t n0, int64_t n1) { planar_backward(gy, x, dx, g, c, n0, n1, a); },
-        apply, pipeline);
+        apply, apply && pipelines(dx, g));
   } else {
     rows_driver(
         g,
