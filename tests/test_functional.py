@@ -193,6 +193,61 @@ def test_gradient_penalty_runs_through_double_backward(backend):
     torch.testing.assert_close(x.grad, x2.grad, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("grads", ["x", "w", "b", "xw", "xb", "wb", "xwb"])
+def test_backward_returns_exactly_the_gradients_asked_for(backend, grads):
+    """Each of x, γ, β may or may not require a gradient; each one asked for matches the
+    reference, and nothing else gets a gradient."""
+    x0 = _make((6, 3, 4), None)
+    w0, b0 = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    x, w, b = (t.clone().requires_grad_(k in grads) for t, k in ((x0, "x"), (w0, "w"), (b0, "b")))
+    g = torch.randn_like(x0)
+    out = batch_norm_train(x, w, b)
+    assert not out.mean.requires_grad and not out.var.requires_grad
+    out.output.backward(g)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x0, w0, b0))
+    reference.batch_norm_forward(xr, wr, br, 1e-5)[0].backward(g)
+    for t, ref, k in ((x, xr, "x"), (w, wr, "w"), (b, br, "b")):
+        if k in grads:
+            torch.testing.assert_close(t.grad, ref.grad, **TOL[torch.float64])
+        else:
+            assert t.grad is None
+
+
+def test_backward_keeps_autograd_contracts(backend):
+    """What every autograd op owes its users: an in-place change to a saved input is an error,
+    a freed graph cannot be run twice, and saved-tensor hooks see what is saved."""
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y = batch_norm_train(x2 * 1, w).output  # x2 * 1: a non-leaf that may be changed in place
+    y2 = batch_norm_train(x, w).output
+    with torch.no_grad():
+        w.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y2.sum().backward()
+
+    y = batch_norm_train(x, w).output
+    y.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.sum().backward()
+
+    packed = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = batch_norm_train(x, w).output
+    assert torch.Size([5, 3]) in packed and torch.Size([3]) in packed
+    (gx,) = torch.autograd.grad((y**2).sum(), x)
+    xr = x.detach().clone().requires_grad_()
+    (gr,) = torch.autograd.grad((reference.batch_norm_forward(xr, w, None, 1e-5)[0] ** 2).sum(), xr)
+    torch.testing.assert_close(gx, gr, **TOL[torch.float64])
+
+
 @pytest.mark.parametrize("offset", [1e4, 1e6])
 @pytest.mark.parametrize("shape", [(256, 8), (16, 4, 6, 6)], ids=str)
 def test_large_offsets_no_catastrophic_cancellation(offset, shape):
