@@ -2,8 +2,10 @@
 
     python benchmarks/bm_mnist_step.py [--rounds 30] [--steps 100] [--threads 1,2]
 
-Three networks built by the experiment itself: without BN (biases kept), with our BatchNorm1d,
-and with torch.nn.BatchNorm1d (biases dropped before BN, Sec. 3.2). Same process, same data, same
+Networks built by the experiment itself: without BN (biases kept), with our BatchNorm1d, with
+torch.nn.BatchNorm1d (biases dropped before BN, Sec. 3.2), and a control in which each BN layer is
+only its affine map γ·x + β (one torch op, the same two parameter tensors, no statistics): what
+any layer with BN's parameters costs in this step, whatever its kernels. Same process, same data, same
 batch order; the networks take turns in many short rounds and the median per-step time is
 reported, so the machine's drift hits all three alike. Issue #3's target: the BN step at most
 1.15× the step without BN. Also times what the experiment adds around the model (indexing a batch
@@ -40,6 +42,25 @@ def with_torch_bn(model: nn.Sequential) -> nn.Sequential:
     return model
 
 
+class AffineOnly(nn.Module):
+    """BN's scale and shift without the normalization: the control described above."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.bias, x, self.weight)
+
+
+def affine_only(model: nn.Sequential) -> nn.Sequential:
+    for i, m in enumerate(model):
+        if isinstance(m, BatchNorm1d):
+            model[i] = AffineOnly(m.num_features)
+    return model
+
+
 def stepper(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     order = DataOrder(len(x), 60, seed=0)
@@ -72,6 +93,7 @@ def main() -> None:
             "without BN": stepper(build_mlp(cfg, bn=False), x, y),
             "our BatchNorm1d": stepper(build_mlp(cfg, bn=True), x, y),
             "torch BatchNorm1d": stepper(with_torch_bn(build_mlp(cfg, bn=True)), x, y),
+            "affine only": stepper(affine_only(build_mlp(cfg, bn=True)), x, y),
         }
         for run in runs.values():
             run(50)  # warm-up

@@ -218,3 +218,30 @@ def test_stream_threshold_comes_from_the_environment_and_rejects_nonsense():
             kernels.set_stream_bytes(-5)
     finally:
         kernels.set_stream_bytes(old)
+
+
+def test_the_kernels_refuse_bad_settings_before_writing_anything():
+    x = torch.randn(4, 3)
+    rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.zeros((), dtype=torch.long)
+    calls = [
+        ("momentum must be in", dict(momentum=float("nan"))),
+        ("momentum must be in", dict(momentum=2.0)),
+        ("eps must be positive", dict(eps=0.0)),
+        ("running statistics must be", dict(rv=torch.ones(4))),
+        ("running statistics must be", dict(rv=torch.ones(3, dtype=torch.long))),
+    ]
+    for message, kw in calls:
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.batchnorm.train_forward(
+                x,
+                None,
+                None,
+                rm,
+                kw.get("rv", rv),
+                nbt,
+                None,
+                kw.get("momentum", 0.1),
+                kw.get("eps", 1e-5),
+                True,
+            )
+        assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3)) and nbt == 0

@@ -305,6 +305,39 @@ def test_bad_hyperparameters():
         layer(torch.randn(4, 3))
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_refused_training_calls_name_the_layer_and_change_nothing(affine):
+    """The training step's fast path leaves the checks to the kernels; whatever they refuse must
+    still end in the layer-named error and leave every buffer as it was."""
+    layer = BatchNorm2d(8, affine=affine)
+    layer(torch.randn(4, 8, 3, 3))  # one real step first
+    before = {k: v.clone() for k, v in layer.state_dict(keep_vars=True).items()}
+    skips = layer.nonfinite_skips.clone()
+    bad_inputs = [
+        (ValueError, torch.randn(2, 7, 3, 3)),  # channels: caught by γ or, without it, the buffers
+        (ValueError, torch.randn(1, 8, 1, 1)),  # m = 1
+        (TypeError, torch.ones(2, 8, 3, 3, dtype=torch.int64)),
+        (ValueError, torch.randn(2, 8)),
+    ]
+    for error, x in bad_inputs:
+        with pytest.raises(error, match=r"BatchNorm2d\(8\)"):
+            layer(x)
+    for name, value in [
+        ("eps", 0.0),
+        ("eps", float("nan")),
+        ("momentum", 1.5),
+        ("momentum", -0.0001),
+    ]:
+        old = getattr(layer, name)
+        setattr(layer, name, value)
+        with pytest.raises(ValueError, match=rf"BatchNorm2d\(8\): {name} must be"):
+            layer(torch.randn(4, 8, 3, 3))
+        setattr(layer, name, old)
+    for k, v in layer.state_dict(keep_vars=True).items():
+        assert torch.equal(v, before[k]), k
+    assert torch.equal(layer.nonfinite_skips, skips)
+
+
 # -- convert -------------------------------------------------------------------------------------
 
 

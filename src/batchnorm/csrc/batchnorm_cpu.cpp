@@ -1227,10 +1227,7 @@ void update_running_stats(const double* mean, const double* var, int64_t C, int6
     factor = 1.0 / static_cast<double>(bump(*num_batches_tracked) + 1);
   }
   const double bessel = m > 1 ? static_cast<double>(m) / static_cast<double>(m - 1) : 1.0;
-  auto update = [&](const Tensor& buf, const double* batch, double scale) {
-    TORCH_CHECK(buf.numel() == C && buf.is_contiguous() && buf.device().is_cpu(),
-                "batchnorm: running statistics must be contiguous CPU vectors of ", C,
-                " values, got shape ", buf.sizes());
+  auto update = [&](const Tensor& buf, const double* batch, double scale) {  // checked by the caller
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buf.scalar_type(), "bn_update", [&] {
       scalar_t* p = buf.mutable_data_ptr<scalar_t>();
       for (int64_t c = 0; c < C; ++c) {
@@ -1276,6 +1273,15 @@ std::tuple<Tensor, Tensor, Tensor> train_forward_cpu(
   TORCH_CHECK(g.m > 1, "Expected more than 1 value per channel when training, got input size ",
               input.sizes());
   TORCH_CHECK(eps > 0, "batchnorm: eps must be positive, got ", eps);
+  TORCH_CHECK(!momentum || (*momentum >= 0 && *momentum <= 1),
+              "batchnorm: momentum must be in [0, 1] or None, got ", *momentum);
+  // Every check before anything is written: a refused call changes no buffer.
+  for (const auto* buf : {&running_mean, &running_var})
+    TORCH_CHECK(!buf->has_value() || !(*buf)->defined() ||
+                    ((*buf)->numel() == g.C && (*buf)->is_contiguous() &&
+                     (*buf)->device().is_cpu() && at::isFloatingType((*buf)->scalar_type())),
+                "batchnorm: running statistics must be contiguous floating-point CPU vectors of ",
+                g.C, " values, got shape ", (*buf)->sizes());
   const ParamView gamma = param_view(weight, g.C, "weight");
   const ParamView beta = param_view(bias, g.C, "bias");
   Tensor y = at::empty_like(x);

@@ -13,11 +13,12 @@ import contextlib
 import os
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor
 
 from . import kernels
 
-__all__ = ["BACKENDS", "current_backend", "select_backend", "use_backend"]
+__all__ = ["BACKENDS", "current_backend", "fused_eager", "select_backend", "use_backend"]
 
 BACKENDS = ("auto", "fused", "python", "native")
 _override: list[str] = []
@@ -42,6 +43,19 @@ def current_backend() -> str:
     """The requested backend: the innermost :func:`use_backend`, else ``$BATCHNORM_BACKEND`` (read
     at import), else ``"auto"``."""
     return _override[-1] if _override else _ENV_BACKEND
+
+
+def fused_eager(x: Tensor) -> bool:
+    """True in the common case: no backend requested, a CPU tensor, the kernels loaded, not under
+    ``torch.compile``; then a training call goes straight to the kernels' eager entry point. (A
+    per-call check on every training step: plain attribute reads, nothing else.)"""
+    return (
+        not _override
+        and _ENV_BACKEND == "auto"
+        and x.is_cpu
+        and kernels.loaded()
+        and not torch.compiler.is_compiling()
+    )
 
 
 def select_backend(x: Tensor) -> str:

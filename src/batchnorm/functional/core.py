@@ -24,7 +24,7 @@ from torch import Tensor
 
 from . import kernels
 from .autograd import BatchNormFunction
-from .backend import BACKENDS, current_backend, select_backend, use_backend
+from .backend import BACKENDS, current_backend, fused_eager, select_backend, use_backend
 from .reference import reduce_dims
 
 __all__ = [
@@ -155,10 +155,8 @@ def _train(
 
     ``describe`` names the layer in the non-finite warning; a callable is only called then.
     """
-    tracked = running_mean is not None or running_var is not None
-    backend = select_backend(x)
-    if backend == "fused" and not torch.compiler.is_compiling():
-        y, mean, var, skipped = _fused_entry()(
+    if fused_eager(x) or (select_backend(x) == "fused" and not torch.compiler.is_compiling()):
+        y, mean, var, skipped = fused_entry()(  # the common case: the kernels, eagerly
             x,
             weight,
             bias,
@@ -170,7 +168,7 @@ def _train(
             eps,
             guard,
         )
-    elif backend == "fused":  # under torch.compile: the registered op, which tracing understands
+    elif (backend := select_backend(x)) == "fused":  # under torch.compile: the registered op
         y, mean, var = torch.ops.batchnorm.train_forward(
             x,
             weight,
@@ -207,22 +205,28 @@ def _train(
         # Only on CPU: reading a CUDA value would synchronize every step.
         skipped = (
             guard
-            and tracked
+            and (running_mean is not None or running_var is not None)
             and x.is_cpu
             and not bool(torch.isfinite(mean).all() & torch.isfinite(var).all())
         )
-    # Warn on a layer's first skip (its counter just became 1), or on every skip without one.
-    if skipped and (nonfinite_count is None or int(nonfinite_count) == 1):
-        warnings.warn(
-            nonfinite_message(describe if isinstance(describe, str) else describe()),
-            UserWarning,
-            stacklevel=3,
-        )
+    if skipped:
+        warn_skip(nonfinite_count, describe)
     return BatchStats(y, mean, var)
 
 
+def warn_skip(nonfinite_count: Tensor | None, describe: str | Callable[[], str]) -> None:
+    """The non-finite guard skipped an update: warn on a layer's first skip (its counter just
+    became 1), or on every skip without a counter. Points at the caller of ``_train``'s caller."""
+    if nonfinite_count is None or int(nonfinite_count) == 1:
+        warnings.warn(
+            nonfinite_message(describe if isinstance(describe, str) else describe()),
+            UserWarning,
+            stacklevel=4,
+        )
+
+
 @functools.cache
-def _fused_entry() -> Callable:
+def fused_entry() -> Callable:
     """The fused kernels' eager entry point (looked up once: this sits on every training step)."""
     return kernels.module().train_forward
 
