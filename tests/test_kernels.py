@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from batchnorm.functional import batch_norm_train, kernels, reference, steps, use_backend
+from tests.tolerances import TOL
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="fused kernels unavailable")
 
@@ -171,15 +172,26 @@ def _all_outputs(x, g, w, b):
     return [y.detach(), *grads, y2, dx2]
 
 
-@pytest.mark.parametrize("case", LARGE)
-def test_large_outputs_match_float64_and_the_unstreamed_path(case, threads):
+@pytest.mark.parametrize(
+    "case,dtype",
+    [pytest.param(case, torch.float32, id=case) for case in LARGE]
+    + [
+        pytest.param("nchw-odd", torch.bfloat16, id="nchw-odd-bfloat16"),
+        pytest.param("nhwc", torch.float16, id="nhwc-float16"),
+        pytest.param("2d", torch.bfloat16, id="2d-bfloat16"),
+    ],
+)
+def test_large_outputs_match_float64_and_the_unstreamed_path(case, dtype, threads):
     """y and dx of large inputs (one call and the SyncBatchNorm steps) agree with the float64
-    reference, and bit for bit with streaming stores turned off."""
+    reference, and bit for bit with streaming stores turned off (16-bit outputs: 16-bit inputs
+    twice the shape's element count, so that they are as large)."""
     threads(2)
     shape, fmt = LARGE[case]
+    if dtype != torch.float32:
+        shape = (shape[0] * 2, *shape[1:])
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=gen) * 2 + 5
-    g = torch.randn(shape, generator=gen)
+    x = (torch.randn(shape, generator=gen) * 2 + 5).to(dtype)
+    g = torch.randn(shape, generator=gen).to(dtype)
     if fmt is not None:
         x, g = x.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt)
     w, b = torch.randn(shape[1], generator=gen), torch.randn(shape[1], generator=gen)
@@ -196,9 +208,11 @@ def test_large_outputs_match_float64_and_the_unstreamed_path(case, threads):
     xd, gd, wd, bd = (t.double() for t in (x, g, w, b))
     y_ref, _, _ = reference.batch_norm_forward(xd, wd, bd, 1e-5)
     dx_ref, dw_ref, db_ref = reference.batch_norm_backward(gd, xd, wd, 1e-5)
+    # float32: the kernels' own error; 16-bit: that of storing the result in the dtype
+    rtol = 1e-5 if dtype == torch.float32 else TOL[dtype]["rtol"]
     for got, want in ((y, y_ref), (y2, y_ref), (dx, dx_ref), (dx2, dx_ref)):
-        assert got.dtype == torch.float32 and got.stride() == x.stride()
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max())
+        assert got.dtype == dtype and got.stride() == x.stride()
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=rtol * want.abs().max())
     torch.testing.assert_close(dw.double(), dw_ref, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(db.double(), db_ref, rtol=1e-5, atol=1e-3)
 

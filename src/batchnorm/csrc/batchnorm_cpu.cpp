@@ -386,31 +386,42 @@ inline vf vload(const at::BFloat16* p) {
 // Stores L lanes of the compute type as T (rounding to nearest even for 16-bit types).
 inline void vstore(float* p, const vf& v) { std::memcpy(p, &v, sizeof(v)); }
 inline void vstore(double* p, const vd& v) { std::memcpy(p, &v, sizeof(v)); }
-inline void vstore(at::Half* p, const vf& v) {
+// The 16 lanes of v rounded to 16-bit T, packed in one 32-byte vector (for vstore and, when
+// streaming, stream_store). The pointer only selects the type.
+typedef uint16_t vh16 __attribute__((vector_size(32)));
+inline vh16 pack16(const at::Half*, const vf& v) {
+  vh16 h;
 #if defined(__AVX512F__)
   __m512 f;
   std::memcpy(&f, &v, sizeof(f));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT));
+  const __m256i m = _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT);
+  std::memcpy(&h, &m, sizeof(h));
 #elif defined(__F16C__)
   __m256 lo, hi;
   std::memcpy(&lo, &v, sizeof(lo));
   std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT));
+  const __m128i a = _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT);
+  const __m128i b = _mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT);
+  std::memcpy(&h, &a, sizeof(a));
+  std::memcpy(reinterpret_cast<char*>(&h) + sizeof(a), &b, sizeof(b));
 #else
   typedef _Float16 vh __attribute__((vector_size(32)));
-  const vh h = __builtin_convertvector(v, vh);
-  std::memcpy(p, &h, sizeof(h));
+  const vh f = __builtin_convertvector(v, vh);
+  std::memcpy(&h, &f, sizeof(h));
 #endif
+  return h;
 }
-inline void vstore(at::BFloat16* p, const vf& v) {
+inline vh16 pack16(const at::BFloat16*, const vf& v) {
   typedef uint32_t vu32 __attribute__((vector_size(64)));
-  typedef uint16_t vu16 __attribute__((vector_size(32)));
   vu32 u;
   std::memcpy(&u, &v, sizeof(u));
   const vu32 nan = reinterpret_cast<vu32>(v != v);  // all ones where v is NaN
   const vu32 r = ((u + 0x7FFFu + ((u >> 16) & 1u)) & ~nan) | (0x7FC00000u & nan);
-  const vu16 h = __builtin_convertvector(r >> 16, vu16);
+  return __builtin_convertvector(r >> 16, vh16);
+}
+template <typename T, typename = std::enable_if_t<sizeof(T) == 2>>
+inline void vstore(T* p, const vf& v) {
+  const vh16 h = pack16(p, v);
   std::memcpy(p, &h, sizeof(h));
 }
 
@@ -710,7 +721,7 @@ void rows_chunk_grad_sums(const T* __restrict gy, const T* __restrict x, const G
 // ----------------------------------------------------------------------------------------------
 // The elementwise passes, in 64-byte vectors (scalar tails).
 
-// Streaming (non-temporal) stores, used for large float32 outputs: a normal store first reads
+// Streaming (non-temporal) stores, used for large float32 and 16-bit outputs: a normal store reads
 // the line it writes ("read for ownership"), so writing y costs two memory transfers per line; a
 // streaming store writes the line without reading it and without keeping it in cache. Measured
 // here (benchmarks/bm_stream.py): BN alone on 13-34 MB inputs 1.35-2.2x faster, and BN followed
@@ -740,13 +751,27 @@ constexpr bool kCanStream = false;
 inline void stream_store(float* p, const vf& v) { vstore(p, v); }
 inline void stream_fence() {}
 #endif
+// 16-bit outputs: half a cache line per vector (p 32-byte aligned); the two halves of a line are
+// written one after the other, so the CPU's write-combining buffer still sends whole lines.
+template <typename T, typename = std::enable_if_t<sizeof(T) == 2>>
+inline void stream_store(T* p, const vf& v) {
+#if defined(__AVX__)
+  const vh16 h = pack16(p, v);
+  __m256i m;
+  std::memcpy(&m, &h, sizeof(m));
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), m);
+#else
+  vstore(p, v);
+#endif
+}
 
 inline bool aligned64(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 63) == 0; }
 
-// Stores one vector of the compute type at p, streaming when `stream` (p 64-byte aligned).
+// Stores one vector of the compute type at p, streaming when `stream` (p aligned to the stored
+// vector: 64 bytes for float, 32 for 16-bit types).
 template <typename T, typename V>
 inline void vput(T* p, const V& v, bool stream) {
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (!std::is_same_v<T, double>) {
     if (kCanStream && stream) {
       stream_store(p, v);
       return;
@@ -767,19 +792,20 @@ inline void write_run(T* __restrict q, int64_t n, bool stream, const F& f, const
   for (; i < n; ++i) store(q + i, fs(i));
 }
 
-// Whether a pass writing `out` with geometry g streams: float32, at least stream_threshold()
-// bytes, and for the rows layout every row's vectors aligned (C a multiple of the vector length).
+// Whether a pass writing `out` with geometry g streams: float32 or 16-bit, at least
+// stream_threshold() bytes, and for the rows layout every row starting 64-byte aligned.
 template <typename T>
 inline bool stream_output(const T* out, const Geometry& g) {
-  if (!std::is_same_v<T, float> || !kCanStream) return false;
+  if (std::is_same_v<T, double> || !kCanStream) return false;
   const int64_t threshold = stream_threshold().load(std::memory_order_relaxed);
   if (threshold < 0 || g.total() * static_cast<int64_t>(sizeof(T)) < threshold) return false;
-  return g.layout == Layout::Planar || (g.C % VecT<T>::L == 0 && aligned64(out));
+  return g.layout == Layout::Planar ||
+         ((g.C * static_cast<int64_t>(sizeof(T))) % 64 == 0 && aligned64(out));
 }
 
 // Whether planar_driver may run a channel's elementwise pass writing `out` inside the next
 // channel's reduction: always, unless streaming stores would land on maps that do not start
-// 64-byte aligned (S not a whole number of vectors).
+// aligned to a vector (S not a whole number of vectors).
 template <typename T>
 inline bool pipelines(const T* out, const Geometry& g) {
   return !stream_output(out, g) || (g.S % VecT<T>::L == 0 && aligned64(out));
@@ -788,7 +814,7 @@ inline bool pipelines(const T* out, const Geometry& g) {
 // The elementwise passes over channel c of a planar input, forward (y = (x - mean_hi)·k1 + k3)
 // and backward (dx = k1·g - (k2·(x - mean_hi) + k3)). `run(n0, n1)` writes maps [n0, n1);
 // `vec(n, i)` / `scalar(n, i)` write one position of map n, for planar_driver, which runs them
-// inside another channel's reduction pass (with `stream`, i must then be 64-byte aligned).
+// inside another channel's reduction pass (with `stream`, out + off must then be vector-aligned).
 template <typename T, typename Derived>
 struct PlanarPass {
   T* out;
