@@ -6,7 +6,7 @@ are the minimum a kernel must move: forward reads x and writes y; backward reads
 writes dx; a copy reads and writes once. "of copy" is our GB/s over the copy's GB/s.
 
 The copy is ``out.copy_(x)``, whose ordinary stores read each output line before writing it;
-the kernels write large float32 outputs with streaming stores (no such read), so they can exceed
+the kernels write large outputs with streaming stores (no such read), so they can exceed
 1.0 of it. "fwd of pass" compares the forward with its own last pass alone (``steps.normalize``:
 read x, write y, the same stores): what computing the statistics adds on top of the one pass a
 forward cannot avoid. ``python benchmarks/bm_stream.py`` measures the stores on and off.

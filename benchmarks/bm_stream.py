@@ -1,6 +1,6 @@
 """Streaming stores on and off: BN alone, and BN followed by ops that read its output.
 
-The fused kernels write float32 outputs of at least 8 MiB (y in the forward, dx in the backward)
+The fused kernels write outputs of at least 8 MiB (y in the forward, dx in the backward)
 with streaming (non-temporal) stores, which skip the read-for-ownership of each line but leave the
 output out of cache. Whether that pays depends on the next op: it must then read y from memory.
 This script measures both settings side by side in one process (``kernels.set_stream_bytes``),

@@ -10,7 +10,7 @@
 //     one channel from memory overlaps writing the other's output;
 //   * "rows" inputs (2-D (N, C), and channels_last / channels_last_3d): the reduction runs over
 //     rows with per-channel accumulators, then an elementwise pass applies the result.
-// Large float32 outputs (y, dx) are written with streaming stores (see write_run).
+// Large float32 and 16-bit outputs (y, dx) are written with streaming stores (see write_run).
 //
 // Numerics (see also functional/stats.py):
 //   * every reduction is split into chunks (about 64K values) whose boundaries depend only on the

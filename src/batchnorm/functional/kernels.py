@@ -22,8 +22,8 @@ Environment variables:
   ``~/.cache/batchnorm``); kernels live in ``<root>/kernels/<key>/``.
 - ``BATCHNORM_CPU_ARCH``: the ``-march`` value (default ``native``; set e.g. ``x86-64-v3`` to
   build kernels that run on other machines sharing the cache).
-- ``BATCHNORM_STREAM_BYTES``: float32 outputs (y, dx) of at least this many bytes are written
-  with streaming stores (default 8 MiB; ``-1``: never); see :func:`set_stream_bytes`.
+- ``BATCHNORM_STREAM_BYTES``: float32 and 16-bit outputs (y, dx) of at least this many bytes are
+  written with streaming stores (default 8 MiB; ``-1``: never); see :func:`set_stream_bytes`.
 """
 
 from __future__ import annotations
@@ -224,7 +224,8 @@ def status() -> str:
 
 
 def set_stream_bytes(nbytes: int | None) -> int | None:
-    """Write float32 outputs of at least ``nbytes`` bytes with streaming stores; ``None``: never.
+    """Write float32 and 16-bit outputs of at least ``nbytes`` bytes with streaming stores;
+    ``None``: never.
 
     A streaming (non-temporal) store writes a cache line to memory without first reading it and
     without keeping it in cache: for outputs too large to stay in cache, writing y or dx then
