@@ -5,9 +5,9 @@
 Networks built by the experiment itself: without BN (biases kept), with our BatchNorm1d, with
 torch.nn.BatchNorm1d (biases dropped before BN, Sec. 3.2), and a control in which each BN layer is
 only its affine map γ·x + β (one torch op, the same two parameter tensors, no statistics): what
-any layer with BN's parameters costs in this step, whatever its kernels. Same process, same data, same
-batch order; the networks take turns in many short rounds and the median per-step time is
-reported, so the machine's drift hits all three alike. Issue #3's target: the BN step at most
+any layer with BN's parameters costs in this step, whatever its kernels. Same process, same
+data, same batch order; the networks take turns in many short rounds and the median per-step time
+is reported, so the machine's drift hits them all alike. Issue #3's target: the BN step at most
 1.15× the step without BN. Also times what the experiment adds around the model (indexing a batch
 out of the pre-binarized training tensor) and one test evaluation.
 """

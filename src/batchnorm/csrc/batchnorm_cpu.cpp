@@ -1567,7 +1567,7 @@ std::tuple<Tensor, Tensor, Tensor> train_forward_autograd(
   return out;
 }
 
-int64_t abi_version() { return 3; }
+int64_t abi_version() { return 4; }
 
 // Sets the streaming-store threshold in bytes (-1: never stream); returns the previous one.
 int64_t set_stream_bytes(int64_t bytes) {

@@ -47,8 +47,8 @@ def current_backend() -> str:
 
 def fused_eager(x: Tensor) -> bool:
     """True in the common case: no backend requested, a CPU tensor, the kernels loaded, not under
-    ``torch.compile``; then a training call goes straight to the kernels' eager entry point. (A
-    per-call check on every training step: plain attribute reads, nothing else.)"""
+    ``torch.compile``; then a training call goes straight to the kernels' eager entry point. (It
+    runs on every training step, so it only reads flags.)"""
     return (
         not _override
         and _ENV_BACKEND == "auto"
