@@ -58,8 +58,11 @@ SHAPES: list[tuple[str, tuple[int, ...], torch.memory_format | None]] = [
     ("NHWC", (8, 512, 7, 7), torch.channels_last),
     ("NCL", (64, 128, 256), None),
     ("NCDHW", (8, 32, 16, 28, 28), None),
+    # one channel (a grayscale input's BatchNorm2d(1)): contiguous in both memory formats; kept
+    # out of the groups
+    ("C=1", (64, 1, 112, 112), None),
 ]
-QUICK = [SHAPES[i] for i in (0, 2, 3, 6, 7, 11)]
+QUICK = [SHAPES[i] for i in (0, 2, 3, 6, 7, 11, 13)]
 
 
 def _time(fn: Callable[[], object], budget_s: float) -> float:
@@ -206,7 +209,12 @@ def main() -> None:
                 fx = r["fwd_native"] / r["fwd_ours"]
                 fbx = r["fb_native"] / r["fb_ours"]
                 ratios.setdefault(
-                    (layout if layout in ("NCHW", "NHWC") else "2-D/other", dtype_name, threads), []
+                    (
+                        layout if layout in ("NCHW", "NHWC", "C=1") else "2-D/other",
+                        dtype_name,
+                        threads,
+                    ),
+                    [],
                 ).append(fbx)
                 line = (
                     f"| {layout} | {'×'.join(map(str, shape))} | {dtype_name} | {threads} "

@@ -97,6 +97,75 @@ def test_large_input_gradients_avoid_4k_aliasing_with_the_input():
     torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
 
 
+# One input per path through the kernels' drivers, each large enough to run in parallel (over
+# 32,768 values) and with several chunks (64K values) to merge, below the streaming threshold.
+PATHS = {
+    "planar-per-channel": ((100, 3, 30, 30), None),  # C >= threads: a task per channel, 2 chunks
+    "planar-chunks": ((50, 1, 60, 60), None),  # C < threads: chunks of one channel in parallel
+    "planar-strided": ((64, 5, 33, 31), "transposed"),  # a non-contiguous view, odd map sizes
+    "rows-2d": ((3000, 40), None),  # 2 chunks of rows
+    "rows-odd-channels": ((2500, 37), None),  # vector lanes plus a scalar tail per row
+    "rows-nhwc": ((16, 24, 20, 20), torch.channels_last),
+    "rows-ndhwc": ((4, 8, 10, 20, 20), torch.channels_last_3d),
+}
+
+
+@pytest.mark.parametrize(
+    "path,dtype",
+    [pytest.param(p, torch.float32, id=p) for p in PATHS]
+    + [
+        pytest.param("planar-chunks", torch.bfloat16, id="planar-chunks-bfloat16"),
+        pytest.param("rows-nhwc", torch.float16, id="rows-nhwc-float16"),
+    ],
+)
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_every_driver_path_matches_float64_at_both_thread_counts(threads, path, dtype, n_threads):
+    """y, the batch statistics, the running-statistics update and all three gradients against the
+    float64 reference, at 1 and 2 threads, on each path through the drivers (per-channel tasks,
+    parallel chunks of one channel, rows with several chunks and a scalar tail, 3-d rows,
+    strided input) — sizes the generated tests do not reach."""
+    threads(n_threads)
+    shape, fmt = PATHS[path]
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 5).to(dtype)
+    g = torch.randn(shape, generator=gen).to(dtype)
+    if fmt == "transposed":
+        x = x.transpose(0, -1).contiguous().transpose(0, -1)
+        assert not x.is_contiguous()
+    elif fmt is not None:
+        x, g = x.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt)
+    c = shape[1]
+    w, b = torch.randn(c, generator=gen), torch.randn(c, generator=gen)
+    rm, rv = torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.5
+    rm0, rv0 = rm.double(), rv.double()
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    with use_backend("fused"):
+        y, mean, var = batch_norm_train(xr, wr, br, running_mean=rm, running_var=rv, momentum=0.3)
+    dx, dw, db = torch.autograd.grad(y, (xr, wr, br), g)
+
+    xd, gd, wd, bd = (t.double() for t in (x, g, w, b))
+    y_ref, mean_ref, var_ref = reference.batch_norm_forward(xd, wd, bd, 1e-5)
+    dx_ref, dw_ref, db_ref = reference.batch_norm_backward(gd, xd, wd, 1e-5)
+    m = x.numel() // c
+    rtol = 1e-5 if dtype == torch.float32 else TOL[dtype]["rtol"]
+    for name, got, want in (("y", y, y_ref), ("dx", dx, dx_ref)):
+        # dense layouts are kept; a strided view comes back contiguous, as from torch
+        strides = x.contiguous().stride() if fmt == "transposed" else x.stride()
+        assert got.dtype == dtype and got.stride() == strides, name
+        torch.testing.assert_close(
+            got.double(), want, rtol=rtol, atol=rtol * want.abs().max(), msg=name
+        )
+    torch.testing.assert_close(mean, mean_ref, rtol=1e-7, atol=1e-7 * var_ref.sqrt().max())
+    torch.testing.assert_close(var, var_ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(dw.double(), dw_ref, rtol=1e-5, atol=1e-5 * dw_ref.abs().max())
+    torch.testing.assert_close(db.double(), db_ref, rtol=1e-5, atol=1e-5 * db_ref.abs().max())
+    # Alg. 2 with torch's moving average: the unbiased batch variance, m / (m - 1)
+    torch.testing.assert_close(rm.double(), 0.7 * rm0 + 0.3 * mean_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        rv.double(), 0.7 * rv0 + 0.3 * var_ref * m / (m - 1), rtol=1e-6, atol=1e-6
+    )
+
+
 @pytest.mark.parametrize(
     "case",
     [

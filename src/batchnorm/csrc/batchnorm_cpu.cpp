@@ -128,7 +128,10 @@ std::pair<Geometry, Tensor> geometry_of(const Tensor& x) {
               x.device());
   const int64_t N = x.size(0), C = x.size(1);
   const int64_t S = C == 0 || N == 0 ? 0 : x.numel() / (N * C);
-  if (S == 1 && x.is_contiguous()) return {{Layout::Rows, N, C, 1, N}, x};
+  // The standard layout first: with one channel (or 1x1 maps) a tensor is contiguous in both
+  // formats, and one channel read as rows of one value would run the scalar loop (2.4x slower
+  // than native on 64x1x224x224).
+  if (x.is_contiguous()) return {{S == 1 ? Layout::Rows : Layout::Planar, N, C, S, N * S}, x};
   if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast))
     return {{Layout::Rows, N, C, S, N * S}, x};
   if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d))
