@@ -28,8 +28,8 @@ SHAPES = [
     (3, 5, 7, 7),
     (2, 3, 4, 5, 6),
     (1, 2, 3, 3),  # N = 1 is fine for convolutional inputs: m = 9
-    (4, 1, 1000),  # one channel, many values: the split-reduction path
-    (300, 2, 200),  # few channels, large m: parallel chunks
+    (4, 1, 1000),  # one channel, 1,000 values per map
+    (300, 2, 200),  # few channels, large m: one channel per thread (test_kernels.PATHS: chunks)
 ]
 
 
@@ -261,7 +261,7 @@ def test_large_offsets_no_catastrophic_cancellation(offset, shape):
     naive = (x * x).mean(dims) - x.mean(dims) ** 2
     assert (naive.double() - var_ref).abs().max() > 0.1 * var_ref.max()
     for name in ["fused", "python"]:
-        if name == "fused" and not kernels.available():
+        if name not in CPU_BACKENDS:  # the kernels did not build (and are not required)
             continue
         with use_backend(name):
             y, mean, var = batch_norm_train(x)
