@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from ..functional.core import nonfinite_message, update_running_stats
-from ..functional.reference import reduce_dims
 from ..functional.stats import PopulationStats
+from ..functional.steps import moments
 from ..nn.modules import _BatchNormMixin
 from .convert import bn_layers
 
@@ -90,7 +90,7 @@ def _gather(acc: PopulationStats):
         x = args[0]
         if module.training and not isinstance(x, torch.fx.Proxy) and x.numel() > x.shape[1]:
             with torch.no_grad():
-                var, mean = torch.var_mean(x.detach().double(), reduce_dims(x), correction=0)
+                mean, var = moments(x.detach())
             acc.update(mean, var, x.numel() // x.shape[1])
 
     return hook

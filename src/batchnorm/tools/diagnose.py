@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..functional.reference import reduce_dims
 from ..functional.stats import PopulationStats
+from ..functional.steps import moments
 from .convert import bn_layers
 from .recalibration import _default_forward
 
@@ -184,11 +184,12 @@ def diagnose(
     def hook_for(acc: PopulationStats) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0].detach()
-            var, mean = torch.var_mean(x.double(), reduce_dims(x), correction=0)
-            if x.numel() // x.shape[1] > 1 and bool(
-                torch.isfinite(mean).all() & torch.isfinite(var).all()
-            ):
-                acc.update(mean, var, x.numel() // x.shape[1])
+            m = x.numel() // max(x.shape[1], 1)
+            if m < 2:  # no batch statistics (the layer itself refuses or skips such a batch)
+                return
+            mean, var = moments(x)
+            if bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
+                acc.update(mean, var, m)
 
         return hook
 

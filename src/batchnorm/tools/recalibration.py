@@ -21,8 +21,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..functional.core import check_input
-from ..functional.reference import reduce_dims
 from ..functional.stats import PopulationStats
+from ..functional.steps import moments
 from .convert import _OURS, bn_layers
 
 __all__ = ["LayerRecalibration", "RecalibrationReport", "recalibrate"]
@@ -104,7 +104,7 @@ def _torch_layer_hook(acc: PopulationStats, where: str, warned: list[bool]) -> C
     def hook(module: nn.Module, args: tuple) -> None:
         x = args[0]
         check_input(x, module.num_features, True, where)
-        var, mean = torch.var_mean(x.detach().double(), reduce_dims(x), correction=0)
+        mean, var = moments(x.detach())
         if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
             if not warned[0]:
                 warnings.warn(
