@@ -277,26 +277,25 @@ struct ChannelAffine {
     mean_hi[c] = static_cast<A>(mean);
     return mean - static_cast<double>(mean_hi[c]);
   }
-  void forward_constants(int64_t c, double mean, double var, double eps, const ParamView& gamma,
-                         const ParamView& beta) {
+  // y = (x - mean_hi)·k1 + k3 with k1 = γ/√(var + ε), k3 = β - (mean - mean_hi)·k1 (γ = 1 and
+  // β = 0 when absent: 1·inv is inv exactly).
+  void set_forward(int64_t c, double mean, double var, double eps, double gamma, double beta) {
     const double inv = 1.0 / std::sqrt(var + eps);
     const double lo = set_mean(c, mean);
-    const double scale = gamma ? gamma[c] * inv : inv;
+    const double scale = gamma * inv;
     k1[c] = static_cast<A>(scale);
-    k3[c] = static_cast<A>((beta ? beta[c] : 0.0) - lo * scale);
+    k3[c] = static_cast<A>(beta - lo * scale);
   }
-  // forward_constants for every channel in loops the compiler vectorizes (gamma/beta: C doubles
-  // or null). The same arithmetic as forward_constants.
+  void forward_constants(int64_t c, double mean, double var, double eps, const ParamView& gamma,
+                         const ParamView& beta) {
+    set_forward(c, mean, var, eps, gamma ? gamma[c] : 1.0, beta ? beta[c] : 0.0);
+  }
+  // forward_constants for every channel, in a loop the compiler vectorizes (gamma/beta: C
+  // doubles or null).
   void forward_constants_all(int64_t C, const double* mean, const double* var, double eps,
                              const double* gamma, const double* beta) {
-    for (int64_t c = 0; c < C; ++c) {
-      const double inv = 1.0 / std::sqrt(var[c] + eps);
-      mean_hi[c] = static_cast<A>(mean[c]);
-      const double lo = mean[c] - static_cast<double>(mean_hi[c]);
-      const double scale = gamma ? gamma[c] * inv : inv;
-      k1[c] = static_cast<A>(scale);
-      k3[c] = static_cast<A>((beta ? beta[c] : 0.0) - lo * scale);
-    }
+    for (int64_t c = 0; c < C; ++c)
+      set_forward(c, mean[c], var[c], eps, gamma ? gamma[c] : 1.0, beta ? beta[c] : 0.0);
   }
   // dl/dx = γ·inv/m · (m g - Σg - x̂ Σg x̂) with x̂ = (x - mean)·inv and s2 = Σ g (x - mean)
   void backward_constants(int64_t c, double mean, double inv, double s1, double s2, double m,
@@ -943,6 +942,15 @@ inline void rows_backward(const T* __restrict gy, const T* __restrict x, T* __re
 // reduced in parallel, finished, and the pass runs in parallel over chunks. Either way the same
 // numbers are combined in the same order, so results do not depend on the thread count.
 
+// Chan et al.'s merge of a part (mean_b, m2_b) of nb values into (mean, m2) of n values, given
+// wb = nb / (n + nb) and wab = n·nb / (n + nb).
+inline void chan_merge(double& mean, double& m2, double mean_b, double m2_b, double wb,
+                       double wab) {
+  const double delta = mean_b - mean;
+  mean += delta * wb;
+  m2 += m2_b + delta * delta * wab;
+}
+
 struct Partials {
   const double* base;
   int64_t k_stride, second;  // first(k) = base[k * k_stride], second(k) = base[... + second]
@@ -959,10 +967,8 @@ struct Partials {
     mean = 0.0;
     m2 = 0.0;
     for (int64_t k = 0; k < ch.count; ++k) {
-      const double nb = count(k), mb = first_of(k), total = n + nb;
-      const double delta = mb - mean;
-      mean += delta * (nb / total);
-      m2 += second_of(k) + delta * delta * (n * nb / total);
+      const double nb = count(k), total = n + nb;
+      chan_merge(mean, m2, first_of(k), second_of(k), nb / total, n * nb / total);
       n = total;
     }
   }
@@ -1043,12 +1049,8 @@ void rows_driver(const Geometry& g, const Sums& sums, const Finish& finish, cons
     const double* s = &part[(2 * k + 1) * C];
     const double nb = static_cast<double>(std::min(ch.per, g.rows() - k * ch.per));
     const double total = n + nb, wb = nb / total, wab = n * nb / total;
-    if (moments) {  // Chan et al.'s merge of (mean, M2)
-      for (int64_t c = 0; c < C; ++c) {
-        const double delta = f[c] - first[c];
-        first[c] += delta * wb;
-        second[c] += s[c] + delta * delta * wab;
-      }
+    if (moments) {
+      for (int64_t c = 0; c < C; ++c) chan_merge(first[c], second[c], f[c], s[c], wb, wab);
     } else {
       for (int64_t c = 0; c < C; ++c) {
         first[c] += f[c];
