@@ -1450,7 +1450,10 @@ Tensor backward_elementwise_cpu(const Tensor& grad_out, const Tensor& input, con
 // Autograd of train_forward.
 
 // (dl/dx, dl/dγ, dl/dβ) in differentiable ATen ops with the statistics recomputed from x: the
-// graph of the backward itself, for double backward.
+// graph of the backward itself, for double backward. The same formula as composite_backward in
+// functional/autograd.py, which serves the portable backend (this node cannot call Python);
+// the gradgradcheck tests and test_gradient_penalty_runs_through_double_backward check both
+// (every backend) against the reference.
 std::tuple<Tensor, Tensor, Tensor> composite_backward(const Tensor& gy, const Tensor& x,
                                                       const Tensor& weight, double eps) {
   std::vector<int64_t> dims{0};
