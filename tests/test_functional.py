@@ -87,11 +87,12 @@ def test_forward_backward_match_reference_float64(backend, shape):
     affine=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.float64]),
     backend=st.sampled_from(CPU_BACKENDS),
+    channels_last=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_generated_inputs_match_reference(
-    n, c, spatial, scale, offset, affine, dtype, backend, seed
+    n, c, spatial, scale, offset, affine, dtype, backend, channels_last, seed
 ):
     torch.manual_seed(seed)  # the values are part of the example: failures replay exactly
     shape = (n, c, *spatial)
@@ -102,6 +103,9 @@ def test_generated_inputs_match_reference(
     w = torch.randn(c, dtype=dtype) if affine else None
     b = torch.randn(c, dtype=dtype) if affine else None
     g = torch.randn(shape, dtype=dtype)
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(len(shape))
+    if channels_last and fmt is not None:  # the rows layout (its vector lanes and scalar tail)
+        x, g = x.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt)
     ref_in = x.double()  # the reference sees the same (rounded) values
     w64 = w.double() if affine else None
     y_ref, mean_ref, var_ref = reference.batch_norm_forward(
