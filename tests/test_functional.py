@@ -167,16 +167,66 @@ def test_gradcheck_and_gradgradcheck(backend, shape, affine):
         def f(x):
             return batch_norm_train(x).output
 
-    assert torch.autograd.gradcheck(f, inputs)
-    assert torch.autograd.gradgradcheck(f, inputs)
+    # forward mode too (torch.func.jvp, jacfwd): the kernels' autograd must not drop tangents
+    assert torch.autograd.gradcheck(f, inputs, check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(f, inputs, check_fwd_over_rev=True)
 
 
 def test_gradgradcheck_channels_last(backend):
     x = torch.randn(2, 3, 2, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     w = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w: batch_norm_train(x, w).output, (x, w))
-    assert torch.autograd.gradgradcheck(lambda x, w: batch_norm_train(x, w).output, (x, w))
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):
+        return batch_norm_train(x, w, b).output
+
+    assert torch.autograd.gradcheck(f, (x, w, b), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(f, (x, w, b), check_fwd_over_rev=True)
+
+
+@pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["contiguous", "channels_last"])
+def test_torch_func_transforms_match_the_reference(backend, fmt):
+    """jvp, a Hessian-vector product (forward over reverse) and vjp of a gradient, in float32,
+    against the same transforms of the float64 reference."""
+    x = (torch.randn(6, 3, 4, 5) * 2 + 3).contiguous(memory_format=fmt or torch.contiguous_format)
+    w, b = torch.randn(3), torch.randn(3)
+    t, v = torch.randn_like(x), torch.randn_like(x)
+
+    def f(x, w, b):
+        return batch_norm_train(x, w, b).output
+
+    def ref(x, w, b):
+        return reference.batch_norm_forward(x, w, b, 1e-5)[0]
+
+    def loss(fn):
+        return lambda x: (fn(x, w.to(x.dtype), b.to(x.dtype)) ** 3).sum()
+
+    d = [a.double() for a in (x, w, b, t)]
+    _, y_t = torch.func.jvp(f, (x, w, b), (t, w.flip(0), b.flip(0)))
+    _, y_t_ref = torch.func.jvp(ref, tuple(d[:3]), (d[3], d[1].flip(0), d[2].flip(0)))
+    torch.testing.assert_close(y_t.double(), y_t_ref, **GRAD_F32)
+    _, hv = torch.func.jvp(torch.func.grad(loss(f)), (x,), (v,))
+    _, hv_ref = torch.func.jvp(torch.func.grad(loss(ref)), (d[0],), (v.double(),))
+    scale = float(hv_ref.abs().max())
+    torch.testing.assert_close(hv.double(), hv_ref, rtol=1e-4, atol=1e-4 * scale)
+    hv_rev = torch.func.vjp(torch.func.grad(loss(f)), x)[1](v)[0]
+    torch.testing.assert_close(hv_rev.double(), hv_ref, rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("backend_name", ["auto", "python", "native"])
+def test_vmap_gives_per_sample_statistics(backend_name):
+    """torch.func.vmap over a batch of batches (torch.func's model ensembling, per-sample
+    statistics): the fused kernels have no batching rule, so "auto" takes the portable path."""
+    xs = torch.randn(4, 6, 3, 5, dtype=torch.float64) * 2 + 1
+    w = torch.randn(3, dtype=torch.float64)
+    with use_backend(backend_name):
+        ys = torch.func.vmap(lambda x: batch_norm_train(x, w).output)(xs)
+        ws = torch.stack([w, -w, 2 * w, w + 1])
+        yw = torch.func.vmap(lambda w: batch_norm_train(xs[0], w).output)(ws)
+    for i in range(4):
+        torch.testing.assert_close(ys[i], reference.batch_norm_forward(xs[i], w, None, 1e-5)[0])
+        torch.testing.assert_close(yw[i], reference.batch_norm_forward(xs[0], ws[i], None, 1e-5)[0])
 
 
 def test_gradient_penalty_runs_through_double_backward(backend):

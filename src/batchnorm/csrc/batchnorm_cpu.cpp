@@ -1530,7 +1530,10 @@ struct TrainBackward final : public torch::autograd::Node {
     const bool need_w = has_w_ && task_should_compute_output(1);
     const bool need_b = task_should_compute_output(2);
     Tensor dx, dw, db;
-    if (at::GradMode::is_enabled()) {  // create_graph=True: a differentiable backward
+    // create_graph=True, or forward-mode AD through the backward (e.g. a Hessian-vector product
+    // by forward-over-reverse): a differentiable backward
+    if (at::GradMode::is_enabled() || gy._fw_grad(0).defined() || x._fw_grad(0).defined() ||
+        (has_w_ && w._fw_grad(0).defined())) {
       std::tie(dx, dw, db) = composite_backward(gy, x, w, eps_);
       if (need_w) dw = dw.to(w.scalar_type());
       if (need_b) db = db.to(has_w_ ? w.scalar_type() : db.scalar_type());
@@ -1546,6 +1549,47 @@ struct TrainBackward final : public torch::autograd::Node {
   }
 };
 
+// Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp / jacfwd): the tangent of y when
+// the input, γ or β carries one (level 0, as PyTorch's generated kernels; functorch maps its own
+// levels onto it). With x̂ = (x - μ)·inv over the batch, inv = 1/sqrt(σ² + ε), and tangents ẋ,
+// γ̇, β̇ (mean over the m values of each channel):
+//   ẏ = γ·inv·(ẋ - mean(ẋ) - x̂·mean(ẋ·x̂)) + γ̇·x̂ + β̇
+// in differentiable ATen ops on the primals, so forward-over-reverse and reverse-over-forward
+// compose. Without this the dispatcher would drop the tangents silently.
+void set_forward_tangent(const Tensor& y, const Tensor& input, const std::optional<Tensor>& weight,
+                         const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& var,
+                         double eps) {
+  auto tangent = [](const std::optional<Tensor>& t) {
+    return t.has_value() && t->defined() ? t->_fw_grad(/*level=*/0) : Tensor();
+  };
+  const Tensor tx = input._fw_grad(/*level=*/0), tw = tangent(weight), tb = tangent(bias);
+  if (!tx.defined() && !tw.defined() && !tb.defined()) return;
+  std::vector<int64_t> dims{0}, shape(input.dim(), 1);
+  for (int64_t d = 2; d < input.dim(); ++d) dims.push_back(d);
+  shape[1] = input.size(1);
+  const auto acc = at::isReducedFloatingType(input.scalar_type()) ? at::kFloat
+                                                                   : input.scalar_type();
+  const Tensor inv = at::rsqrt(var + eps).to(acc).view(shape);
+  const Tensor x_hat = (input._fw_primal(0).to(acc) - mean.to(acc).view(shape)) * inv;
+  Tensor ty;
+  if (tx.defined()) {
+    const Tensor t = tx.to(acc);
+    ty = inv * (t - t.mean(dims, /*keepdim=*/true) -
+                x_hat * (t * x_hat).mean(dims, /*keepdim=*/true));
+    if (weight.has_value() && weight->defined())
+      ty = ty * weight->_fw_primal(0).to(acc).view(shape);
+  }
+  if (tw.defined()) {
+    const Tensor t = tw.to(acc).view(shape) * x_hat;
+    ty = ty.defined() ? ty + t : t;
+  }
+  if (tb.defined()) {
+    const Tensor t = tb.to(acc).view(shape);
+    ty = ty.defined() ? ty + t : t.expand_as(x_hat);
+  }
+  y._set_fw_grad(ty.to(y.scalar_type()), /*level=*/0, /*is_inplace_op=*/false);
+}
+
 // The Autograd kernel of train_forward: the CPU kernel below autograd, and a TrainBackward node
 // when a gradient is needed. mean and var are returned without a gradient.
 std::tuple<Tensor, Tensor, Tensor> train_forward_autograd(
@@ -1560,6 +1604,8 @@ std::tuple<Tensor, Tensor, Tensor> train_forward_autograd(
     return call_train_forward(input, weight, bias, running_mean, running_var,
                               num_batches_tracked, nonfinite_count, momentum, eps, guard);
   }();
+  set_forward_tangent(std::get<0>(out), input, weight, bias, std::get<1>(out), std::get<2>(out),
+                      eps);
   if (needs_grad) {
     auto node = c10::make_intrusive<TrainBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias));

@@ -27,7 +27,7 @@ from .steps import (
     torch_normalize,
 )
 
-__all__ = ["BatchNormFunction", "composite_backward"]
+__all__ = ["BatchNormFunction", "composite_backward", "forward_tangent"]
 
 
 def composite_backward(
@@ -53,20 +53,71 @@ def composite_backward(
     return grad_x.to(x.dtype), sum_gx, sum_g
 
 
+def forward_tangent(
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    x_t: Tensor | None,
+    weight_t: Tensor | None,
+    bias_t: Tensor | None,
+) -> Tensor:
+    """Forward-mode AD: the tangent of y = γ x̂ + β for tangents of x, γ, β (None: zero), with the
+    batch statistics ``mean``/``var`` of ``x``:
+
+        ẏ = γ · inv · (ẋ − mean(ẋ) − x̂ · mean(ẋ x̂)) + γ̇ x̂ + β̇    (means over each channel's m values)
+
+    The same formula as ``set_forward_tangent`` in csrc/batchnorm_cpu.cpp (the fused kernels'
+    autograd cannot call Python); gradcheck with forward AD checks both.
+    """
+    dims = reduce_dims(x)
+    acc = compute_dtype(x.dtype)
+    shape = (1, -1, *([1] * (x.dim() - 2)))
+    inv = torch.rsqrt(var + eps).to(acc).reshape(shape)
+    x_hat = (x.to(acc) - mean.to(acc).reshape(shape)) * inv
+    y_t = torch.zeros_like(x_hat)
+    if x_t is not None:
+        t = x_t.to(acc)
+        dx_hat = inv * (
+            t - t.mean(dims, keepdim=True) - x_hat * (t * x_hat).mean(dims, keepdim=True)
+        )
+        y_t = y_t + (dx_hat if weight is None else weight.to(acc).reshape(shape) * dx_hat)
+    if weight_t is not None:
+        y_t = y_t + weight_t.to(acc).reshape(shape) * x_hat
+    if bias_t is not None:
+        y_t = y_t + bias_t.to(acc).reshape(shape)
+    return y_t.to(x.dtype)
+
+
 class BatchNormFunction(torch.autograd.Function):
     """Training-mode BN (Alg. 1). Returns ``(y, mu_B, var_B)`` (float64 statistics); only ``y`` is
     differentiable."""
 
+    generate_vmap_rule = True  # every step is plain torch ops: torch.func.vmap batches them
+
     @staticmethod
     def forward(
-        ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+        x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     ) -> tuple[Tensor, Tensor, Tensor]:
         mean, var = torch_moments(x)  # Alg. 1: mu_B and the biased var_B
         y = torch_normalize(x, mean, var, weight, bias, eps)  # Alg. 1: normalize, scale, shift
+        return y, mean, var
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # separate from forward, for torch.func
+        x, weight, _, eps = inputs
+        _, mean, var = output
         ctx.save_for_backward(x, weight, mean, var)
+        ctx.save_for_forward(x, weight, mean, var)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+
+    @staticmethod
+    def jvp(ctx, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None, _eps_t):
+        x, weight, mean, var = ctx.saved_tensors
+        y_t = forward_tangent(x, weight, mean, var, ctx.eps, x_t, weight_t, bias_t)
+        return y_t, None, None
 
     @staticmethod
     def backward(ctx, grad_y: Tensor, _grad_mean: Tensor, _grad_var: Tensor):

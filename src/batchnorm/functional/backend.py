@@ -15,6 +15,8 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor
+from torch._C._functorch import TransformType, peek_interpreter_stack
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from . import kernels
 
@@ -47,20 +49,27 @@ def current_backend() -> str:
 
 def fused_eager(x: Tensor) -> bool:
     """True in the common case: no backend requested, a CPU tensor, the kernels loaded, not under
-    ``torch.compile``; then a training call goes straight to the kernels' eager entry point. (It
-    runs on every training step, so it only reads flags.)"""
+    ``torch.compile`` or ``torch.func.vmap``; then a training call goes straight to the kernels'
+    eager entry point. (It runs on every training step, so it only reads flags.)"""
     return (
         not _override
         and _ENV_BACKEND == "auto"
         and x.is_cpu
         and kernels.loaded()
         and not torch.compiler.is_compiling()
+        and (peek_interpreter_stack() is None or not _under_vmap())
     )
+
+
+def _under_vmap() -> bool:
+    """Whether a ``torch.func.vmap`` is active. The kernels have no batching rule; the portable
+    path's plain torch ops do (``grad``, ``jvp``, ``vjp`` work through the kernels)."""
+    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
 
 
 def select_backend(x: Tensor) -> str:
     """The backend that will run a training-mode call on ``x``."""
-    if not _override and _ENV_BACKEND == "auto" and x.is_cpu and kernels.loaded():
+    if fused_eager(x):
         return "fused"  # the common case, checked first: this runs on every training step
     requested = current_backend()
     if not x.is_cpu:
@@ -68,7 +77,9 @@ def select_backend(x: Tensor) -> str:
         # and other devices get PyTorch's own (cuDNN) kernels, whatever was requested.
         return "native"
     if requested == "auto":
-        return "fused" if kernels.load() else "python"
+        # (torch.compile traces the registered op and must not trace functorch's internals)
+        vmap = not torch.compiler.is_compiling() and _under_vmap()
+        return "fused" if kernels.load() and not vmap else "python"
     if requested == "fused" and not kernels.load():
         raise RuntimeError(f"the fused backend was requested but {kernels.status()}")
     return requested
