@@ -43,3 +43,41 @@ def test_compiled_training_matches_torch():
     ref.eval()
     x = torch.randn(4, 3, 8, 8)
     torch.testing.assert_close(compiled(x), ref(x), **TORCH_AGREEMENT)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["transposed-3d", "permuted-4d", "channels_last", "contiguous"],
+)
+def test_every_op_passes_opcheck(layout):
+    """torch.library.opcheck: schema, fake kernel (shapes and strides, which torch.compile
+    trusts), autograd registration, for every op. The kernels read an input that is neither
+    contiguous nor channels_last through a contiguous copy, and their outputs are contiguous."""
+    x = {
+        "transposed-3d": lambda: torch.randn(4, 5, 3).transpose(1, 2),
+        "permuted-4d": lambda: torch.randn(2, 4, 3, 5).permute(0, 2, 1, 3),
+        "channels_last": lambda: torch.randn(2, 3, 4, 5).contiguous(
+            memory_format=torch.channels_last
+        ),
+        "contiguous": lambda: torch.randn(6, 3, 4),
+    }[layout]()
+    c, ops = x.shape[1], torch.ops.batchnorm
+    mean = torch.randn(c, dtype=torch.float64)
+    var = torch.rand(c, dtype=torch.float64) + 0.5
+    w = torch.randn(c, requires_grad=True)
+    g = torch.randn_like(x)
+    count = x.numel() // c
+    buffers = (torch.zeros(c), torch.ones(c), torch.zeros((), dtype=torch.long), None)
+    cases = [
+        (ops.train_forward.default, (x.requires_grad_(), w, None, *buffers, 0.1, 1e-5, True)),
+        (ops.train_backward.default, (g, x.detach(), mean, var, w.detach(), 1e-5, [True] * 3)),
+        (ops.normalize.default, (x.detach(), mean, var, None, None, 1e-5)),
+        (ops.moments.default, (x.detach(),)),
+        (ops.backward_reduce.default, (g, x.detach(), mean)),
+        (
+            ops.backward_elementwise.default,
+            (g, x.detach(), mean, var, None, mean, mean, count, 1e-5),
+        ),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)

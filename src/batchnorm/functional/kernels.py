@@ -169,15 +169,26 @@ def _register_fake_kernels() -> None:
     def stats(x: torch.Tensor) -> torch.Tensor:
         return x.new_empty((x.shape[1],), dtype=torch.float64)
 
+    def like_x(x: torch.Tensor) -> torch.Tensor:
+        # As the kernels lay out y and dx: x's own strides when x is contiguous or channels_last
+        # (3d), else contiguous (they read any other input through a contiguous copy).
+        if (
+            x.is_contiguous()
+            or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+            or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))
+        ):
+            return torch.empty_like(x)
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
     @torch.library.register_fake("batchnorm::train_forward")
     def _(x, weight, bias, running_mean, running_var, nbt, nonfinite, momentum, eps, guard):
-        return torch.empty_like(x), stats(x), stats(x)
+        return like_x(x), stats(x), stats(x)
 
     @torch.library.register_fake("batchnorm::train_backward")
     def _(grad_out, x, mean, var, weight, eps, mask):
         param = weight if weight is not None else x
         return (
-            torch.empty_like(x) if mask[0] else None,
+            like_x(x) if mask[0] else None,
             param.new_empty((x.shape[1],)) if mask[1] else None,
             param.new_empty((x.shape[1],)) if mask[2] else None,
         )
@@ -188,7 +199,7 @@ def _register_fake_kernels() -> None:
 
     @torch.library.register_fake("batchnorm::normalize")
     def _(x, mean, var, weight, bias, eps):
-        return torch.empty_like(x)
+        return like_x(x)
 
     @torch.library.register_fake("batchnorm::backward_reduce")
     def _(grad_out, x, mean):
@@ -196,7 +207,7 @@ def _register_fake_kernels() -> None:
 
     @torch.library.register_fake("batchnorm::backward_elementwise")
     def _(grad_out, x, mean, var, weight, sum_g, sum_gc, count, eps):
-        return torch.empty_like(x)
+        return like_x(x)
 
 
 def loaded() -> bool:
