@@ -134,7 +134,7 @@ def _load_once() -> bool:
     with _lock:
         if _state["loaded"] is not None:
             return bool(_state["loaded"])
-        mode = os.environ.get("BATCHNORM_KERNELS", "auto").lower()
+        mode = os.environ.get("BATCHNORM_KERNELS", "").strip().lower() or "auto"  # empty: unset
         if mode not in ("auto", "require", "off"):
             raise ValueError(f"BATCHNORM_KERNELS must be auto, require or off, got {mode!r}")
         if mode == "off":
