@@ -459,6 +459,26 @@ def test_functional_batch_norm_matches_torch(backend):
     torch.testing.assert_close(y, F.batch_norm(x, rm_t, rv_t, w, b, training=False))
 
 
+def test_functional_batch_norm_takes_what_torch_takes(backend):
+    """Strided running buffers (views into a larger state) are updated in place, and an empty
+    batch gives an empty output and leaves them alone, as F.batch_norm does."""
+    x, w, b = torch.randn(6, 4, 3) * 2 + 1, torch.randn(4), torch.randn(4)
+    state = torch.stack([torch.zeros(4), torch.ones(4)], dim=1)  # columns: strided views
+    state_t = state.clone()
+    rm, rv, rm_t, rv_t = state[:, 0], state[:, 1], state_t[:, 0], state_t[:, 1]
+    assert not rm.is_contiguous()
+    y = batch_norm(x, rm, rv, w, b, training=True, momentum=0.3)
+    torch.testing.assert_close(
+        y, F.batch_norm(x, rm_t, rv_t, w, b, True, 0.3), rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(state, state_t)
+    assert not torch.equal(state[:, 0], torch.zeros(4))
+    empty = torch.randn(0, 4, 3)
+    y = batch_norm(empty, rm, rv, w, b, training=True, momentum=0.3)
+    assert y.shape == empty.shape
+    torch.testing.assert_close(state, state_t)
+
+
 def test_inference_mode_is_algorithm_2_line_11():
     x = torch.randn(5, 3, 4, dtype=torch.float64)
     mean, var = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.1

@@ -267,6 +267,44 @@ def test_freeze_stats_keeps_statistics_but_trains_affine(backend):
 # -- errors --------------------------------------------------------------------------------------
 
 
+EMPTY_LAYERS = {
+    "ema": lambda: BatchNorm2d(4),
+    "cumulative": lambda: BatchNorm2d(4, momentum=None),
+    "population": lambda: BatchNorm2d(4, stats_mode="population"),
+    "ghost": lambda: batchnorm.GhostBatchNorm2d(4, virtual_batch_size=2),
+    "renorm": lambda: batchnorm.BatchRenorm2d(4, warmup=0),
+    "no-running-stats": lambda: BatchNorm2d(4, track_running_stats=False),
+}
+
+
+@pytest.mark.parametrize("kind", EMPTY_LAYERS)
+@pytest.mark.parametrize("shape", [(0, 4, 3, 3), (5, 4, 0, 3)], ids=["N=0", "H=0"])
+def test_an_empty_batch_gives_an_empty_output_and_leaves_the_statistics(backend, kind, shape):
+    """As torch (detection heads with no proposals, a last empty shard): an empty output, zero
+    gradients for γ and β, running statistics untouched, no warning. Unlike torch, an empty batch
+    is not counted in num_batches_tracked: momentum=None's cumulative average stays the mean of
+    the batches that had values (next step checked against a layer that never saw it)."""
+    layer, twin = EMPTY_LAYERS[kind](), EMPTY_LAYERS[kind]()
+    first = torch.randn(6, 4, 3, 3) * 2 + 1
+    layer(first), twin(first)
+    x = torch.randn(shape, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = layer(x)
+        y.sum().backward()
+    torch.testing.assert_close(y, nn.BatchNorm2d(4)(x))
+    assert torch.equal(layer.weight.grad, torch.zeros(4))
+    assert torch.equal(layer.bias.grad, torch.zeros(4))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(layer.state_dict().values(), twin.state_dict().values(), strict=True)
+    )
+    second = torch.randn(6, 4, 3, 3) - 1
+    torch.testing.assert_close(layer(second), twin(second))
+    for a, b in zip(layer.state_dict().values(), twin.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_bad_inputs_name_the_layer_and_the_shape():
     model = convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
     bn = model[1]

@@ -53,6 +53,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -1272,9 +1273,10 @@ void update_running_stats(const double* mean, const double* var, int64_t C, int6
   auto update = [&](const Tensor& buf, const double* batch, double scale) {  // checked by the caller
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buf.scalar_type(), "bn_update", [&] {
       scalar_t* p = buf.mutable_data_ptr<scalar_t>();
+      const int64_t step = buf.is_contiguous() ? 1 : buf.stride(0);  // a strided vector, as torch
       for (int64_t c = 0; c < C; ++c) {
-        const double old = static_cast<double>(p[c]);
-        p[c] = static_cast<scalar_t>((1.0 - factor) * old + factor * batch[c] * scale);
+        const double old = static_cast<double>(p[c * step]);
+        p[c * step] = static_cast<scalar_t>((1.0 - factor) * old + factor * batch[c] * scale);
       }
     });
     torch::autograd::impl::bump_version(buf);
@@ -1312,7 +1314,7 @@ std::tuple<Tensor, Tensor, Tensor> train_forward_cpu(
     const std::optional<Tensor>& nonfinite_count, std::optional<double> momentum, double eps,
     bool guard) {
   auto [g, x] = geometry_of(input);
-  TORCH_CHECK(g.m > 1, "Expected more than 1 value per channel when training, got input size ",
+  TORCH_CHECK(g.m != 1, "Expected more than 1 value per channel when training, got input size ",
               input.sizes());
   TORCH_CHECK(eps > 0, "batchnorm: eps must be positive, got ", eps);
   TORCH_CHECK(!momentum || (*momentum >= 0 && *momentum <= 1),
@@ -1320,14 +1322,20 @@ std::tuple<Tensor, Tensor, Tensor> train_forward_cpu(
   // Every check before anything is written: a refused call changes no buffer.
   for (const auto* buf : {&running_mean, &running_var})
     TORCH_CHECK(!buf->has_value() || !(*buf)->defined() ||
-                    ((*buf)->numel() == g.C && (*buf)->is_contiguous() &&
+                    ((*buf)->numel() == g.C &&
+                     ((*buf)->is_contiguous() || ((*buf)->dim() == 1 && (*buf)->stride(0) > 0)) &&
                      (*buf)->device().is_cpu() && at::isFloatingType((*buf)->scalar_type())),
-                "batchnorm: running statistics must be contiguous floating-point CPU vectors of ",
-                g.C, " values, got shape ", (*buf)->sizes());
+                "batchnorm: running statistics must be floating-point CPU vectors of ", g.C,
+                " values (contiguous, or 1-D with a positive stride), got shape ",
+                (*buf)->sizes(), " and strides ", (*buf)->strides());
   const ParamView gamma = param_view(weight, g.C, "weight");
   const ParamView beta = param_view(bias, g.C, "bias");
   Tensor y = at::empty_like(x);
   auto opts = input.options().dtype(at::kDouble);
+  if (g.total() == 0) {  // an empty batch (as torch): an empty output, no statistics, no update
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    return {y, at::full({g.C}, nan, opts), at::full({g.C}, nan, opts)};
+  }
   Tensor mean = at::empty({g.C}, opts);
   Tensor var = at::empty({g.C}, opts);
   BN_DISPATCH(x.scalar_type(), "batchnorm_train_forward", [&] {
@@ -1355,7 +1363,7 @@ std::tuple<Tensor, Tensor, Tensor> train_backward_cpu(const Tensor& grad_out,
   std::vector<double> inv(g.C), sum_g(g.C), sum_gc(g.C);
   for (int64_t c = 0; c < g.C; ++c) inv[c] = 1.0 / std::sqrt(var_p[c] + eps);
   Tensor dx = mask[0] ? empty_output(x, x) : Tensor();
-  BN_DISPATCH(x.scalar_type(), "batchnorm_train_backward", [&] {
+  if (g.total() > 0) BN_DISPATCH(x.scalar_type(), "batchnorm_train_backward", [&] {
     ChannelAffine<scalar_t> a(g.C);
     backward_kernel<scalar_t>(gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                               mask[0] ? dx.mutable_data_ptr<scalar_t>() : nullptr, g, mean_p,

@@ -71,14 +71,13 @@ def check_input(
             f"{tuple(x.shape)} ({x.shape[1]} channels). Is the layer's num_features right, or "
             "is the channel dimension somewhere else (BN expects (N, C, ...))?"
         )
-    if training:
-        m = x.numel() // x.shape[1] if x.shape[1] else 0
-        if m <= 1:
-            raise ValueError(
-                f"{where}: Expected more than 1 value per channel when training, got input size "
-                f"{tuple(x.shape)}. Batch statistics (Alg. 1) need m > 1 values per channel: use a "
-                "larger batch, drop_last=True in the DataLoader, or put the layer in eval mode."
-            )
+    # An empty batch (m = 0) passes, as in torch: an empty output, running statistics untouched.
+    if training and x.numel() == x.shape[1] != 0:  # m = 1
+        raise ValueError(
+            f"{where}: Expected more than 1 value per channel when training, got input size "
+            f"{tuple(x.shape)}. Batch statistics (Alg. 1) need m > 1 values per channel: use a "
+            "larger batch, drop_last=True in the DataLoader, or put the layer in eval mode."
+        )
 
 
 def check_hyperparameters(eps: float, momentum: float | None, where: str = "batch_norm") -> None:
@@ -155,6 +154,11 @@ def _train(
 
     ``describe`` names the layer in the non-finite warning; a callable is only called then.
     """
+    if x.numel() == 0:  # an empty batch, as torch: an empty output, no statistics, no update
+        nan = torch.full((x.shape[1],), float("nan"), dtype=torch.float64, device=x.device)
+        return BatchStats(
+            F.batch_norm(x, None, None, weight, bias, True, 0.0, eps), nan, nan.clone()
+        )
     if fused_eager(x) or (select_backend(x) == "fused" and not torch.compiler.is_compiling()):
         y, mean, var, skipped = fused_entry()(  # the common case: the kernels, eagerly
             x,

@@ -52,6 +52,7 @@ class _GhostMixin:
             and not self.freeze_stats
             and not isinstance(input, torch.fx.Proxy)
             and input.shape[0] > self.virtual_batch_size
+            and input.numel() > 0  # an empty batch: the plain layer's empty output
         )
         if not ghost:
             return super().forward(input)  # type: ignore[misc]

@@ -341,6 +341,8 @@ class _BatchNormMixin:
         """Update the running buffers from statistics computed outside the fused kernel (merged
         across processes, population mode, deferred micro-batches) with the layer's rule and
         guard; ``var`` is the biased variance over ``count`` values per channel."""
+        if count == 0:  # an empty batch: no statistics
+            return
         if getattr(self, "_deferred", None) is not None:  # accumulate_statistics is active
             if self._finite_or_skip(mean, var):
                 self._deferred.update(mean, var, count)

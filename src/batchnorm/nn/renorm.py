@@ -96,7 +96,7 @@ class _RenormMixin:
         self._check_bounds()
         check_hyperparameters(self.eps, self.momentum, self._where())
         weight, bias = self.weight, self.bias
-        if int(self.num_batches_tracked) >= self.warmup:
+        if input.numel() and int(self.num_batches_tracked) >= self.warmup:  # (empty: no r, d)
             with torch.no_grad():
                 mean_b, var_b = moments(input)  # float64, the same kernel the forward runs
                 sigma = torch.sqrt(self.running_var.double() + self.eps)
