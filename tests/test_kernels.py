@@ -80,6 +80,33 @@ def test_fallback_when_the_kernels_cannot_build(tmp_path):
     assert proc.returncode != 0 and "BATCHNORM_KERNELS=require" in proc.stderr
 
 
+def test_a_build_killed_earlier_does_not_block_the_next(tmp_path):
+    """A build killed mid-way leaves cpp_extension's lock file behind; the next build must not
+    wait on it forever. (The arch is invalid, so the build itself fails fast, to the fallback.)"""
+    code = (
+        "import warnings\n"
+        "from batchnorm._cache import cache_root\n"
+        "from batchnorm.functional import kernels\n"
+        "d = cache_root() / 'kernels' / kernels._key()\n"
+        "d.mkdir(parents=True)\n"
+        "(d / 'lock').touch()  # what a killed build leaves\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    print(kernels.load(), [x.category.__name__ for x in w])\n"
+    )
+    env = {
+        **os.environ,
+        "BATCHNORM_CACHE": str(tmp_path),
+        "BATCHNORM_CPU_ARCH": "no-such-cpu",
+        "BATCHNORM_KERNELS": "auto",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "['KernelsUnavailableWarning']"]
+
+
 def test_large_input_gradients_avoid_4k_aliasing_with_the_input():
     """dx is placed half a page (mod 4 KB) away from x, so the backward's stores do not alias its
     loads (see empty_output in csrc/batchnorm_cpu.cpp); the values are unaffected."""

@@ -3,7 +3,7 @@
 Why a C++ extension compiled on first use (and not numba, nor a build step at install):
 
 - The small-input case is dominated by per-call overhead. The op and its autograd are registered
-  in C++ (``torch.library`` + ``torch::autograd::Function``), so a training step pays one
+  in C++ (``torch.library`` and a C++ autograd node), so a training step pays one
   dispatcher call per layer and no Python on the backward path. numba kernels would still need a
   Python ``autograd.Function`` around them.
 - Compiling on first use against the torch that is actually installed avoids an ABI mismatch, and
@@ -28,18 +28,25 @@ Environment variables:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
 import platform
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
 from .._cache import cache_root
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: the kernels' build (g++/clang) is not supported there anyway
+    fcntl = None
 
 __all__ = [
     "KernelsUnavailableWarning",
@@ -93,6 +100,20 @@ def _key() -> str:
     return h.hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def _build_lock(build_dir: Path) -> Iterator[None]:
+    """An exclusive lock on ``build_dir`` for one build, released by the OS if the process dies."""
+    if fcntl is None:
+        yield
+        return
+    with open(build_dir / "build.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _build_and_load() -> ModuleType:
     key = _key()
     build_dir = cache_root() / "kernels" / key
@@ -107,16 +128,20 @@ def _build_and_load() -> ModuleType:
         from torch.utils import cpp_extension
 
         build_dir.mkdir(parents=True, exist_ok=True)
-        # cpp_extension locks build_dir, so processes starting together build once.
-        module = cpp_extension.load(
-            name=name,
-            sources=[str(_SOURCE)],
-            extra_cflags=_flags(),
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build_dir),
-            verbose=os.environ.get("BATCHNORM_VERBOSE_BUILD") == "1",
-        )
-        done.write_text(f"{name}.so\n")
+        with _build_lock(build_dir):  # processes starting together build once
+            # cpp_extension's own lock is a file that a killed build leaves behind, after which
+            # every later build waits on it forever. Holding our lock (which the OS releases when
+            # its process dies), any such file is stale.
+            (build_dir / "lock").unlink(missing_ok=True)
+            module = cpp_extension.load(
+                name=name,
+                sources=[str(_SOURCE)],
+                extra_cflags=_flags(),
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build_dir),
+                verbose=os.environ.get("BATCHNORM_VERBOSE_BUILD") == "1",
+            )
+            done.write_text(f"{name}.so\n")
     if torch.ops.batchnorm.abi_version() != _ABI_VERSION:
         raise RuntimeError("the loaded kernel library has an unexpected ABI version")
     return module
