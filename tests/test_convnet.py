@@ -534,13 +534,32 @@ def test_rerun_with_other_settings_is_refused_and_loses_nothing(prepared, fashio
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
 
 
-def test_cli_errors(tmp_path, capsys, monkeypatch):
+def test_cli_errors(tmp_path, capsys, monkeypatch, data_root):
     with pytest.raises(SystemExit) as exc:
         main(["reproduce", "convnet", "--networks", "bn-x10"])
     assert exc.value.code == 2 and "unknown network(s) bn-x10" in capsys.readouterr().err
     assert main(["reproduce", "convnet", "--steps", "0"]) == 2
     assert "steps must be a positive integer" in capsys.readouterr().err
     assert main(["reproduce", "convnet", "--jobs", "0"]) == 2
+    folder = str(data_root / "fashion-mnist")
+    out = str(tmp_path / "s")
+    assert (
+        main(
+            [
+                "reproduce",
+                "convnet",
+                "--data-dir",
+                folder,
+                "--out",
+                out,
+                "--test-examples",
+                "999999",
+            ]
+        )
+        == 2
+    )
+    assert "test_examples = 999999 exceeds the 10000 test images" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
     monkeypatch.delenv(data.ENV_VAR, raising=False)
     monkeypatch.setenv("BATCHNORM_CACHE", str(tmp_path / "cache"))
     assert main(["reproduce", "convnet", "--no-download", "--out", str(tmp_path / "o")]) == 1

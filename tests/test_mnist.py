@@ -359,12 +359,26 @@ def test_damaged_checkpoint_is_reported_and_nothing_is_lost(data_root, tmp_path,
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
 
 
-def test_cli_errors(tmp_path, capsys, monkeypatch):
+def test_cli_errors(tmp_path, capsys, monkeypatch, data_root):
     with pytest.raises(SystemExit) as exc:
         main(["reproduce", "mnist", "--lr", "fast"])
     assert exc.value.code == 2 and "comma-separated numbers" in capsys.readouterr().err
     assert main(["reproduce", "mnist", "--steps", "0"]) == 2
     assert "steps must be a positive integer" in capsys.readouterr().err
+    # sizes beyond the data: one line naming the setting (not a traceback), before any run starts
+    real = [
+        "reproduce",
+        "mnist",
+        "--data-dir",
+        str(data_root / "mnist"),
+        "--out",
+        str(tmp_path / "s"),
+    ]
+    assert main([*real, "--batch-size", "70000"]) == 2
+    assert "batch_size = 70000 exceeds the 60000 training images" in capsys.readouterr().err
+    assert main([*real, "--population-batches", "100000"]) == 2
+    assert "use population_batches ≤ 1000" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
     monkeypatch.delenv(data.ENV_VAR, raising=False)
     monkeypatch.setenv("BATCHNORM_CACHE", str(tmp_path / "cache"))
     assert main(["reproduce", "mnist", "--no-download", "--out", str(tmp_path / "o")]) == 1

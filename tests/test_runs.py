@@ -77,6 +77,22 @@ def test_open_run_writes_the_config_once_and_refuses_another(tmp_path):
     ):
         pass
     assert (run_dir / "config.json").read_bytes() == before
+    with (  # a single-process config leaves `processes` out: it still reads as 1 process
+        pytest.raises(runs.RunConfigMismatchError, match=r"processes: saved 1, now 2"),
+        runs.open_run(run_dir, {"a": 1, "b": [1, 2], "processes": 2}, threads=1),
+    ):
+        pass
+    multi = tmp_path / "multi"
+    with runs.open_run(multi, {"a": 1, "processes": 2, "bn_sync": True}, threads=1):
+        pass
+    with (
+        pytest.raises(
+            runs.RunConfigMismatchError,
+            match=r"bn_sync: saved True, now None; processes: saved 2, now 1\b",
+        ),
+        runs.open_run(multi, {"a": 1}, threads=1),
+    ):
+        pass
 
 
 def test_open_run_clears_leftovers_of_a_hard_kill_and_restores_threads(tmp_path):
@@ -124,6 +140,11 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
     with pytest.raises(runs.CheckpointError, match=r"cannot be read.*Delete it"):
         runs.load_checkpoint(path, 1)
     assert path.stat().st_size == 100  # nothing deleted
+    for content in (b"not a checkpoint", b""):  # torch's advice (weights_only=False) stays out
+        path.write_bytes(content)
+        with pytest.raises(runs.CheckpointError, match=r"cannot be read.*Delete it") as exc:
+            runs.load_checkpoint(path, 1)
+        assert "weights_only" not in str(exc.value) and ")." in str(exc.value)
 
 
 def test_metrics_files(tmp_path):

@@ -95,7 +95,7 @@ def _reproduce_mnist(args: argparse.Namespace) -> int:
 
 def _reproduce_mnist_ranks(args: argparse.Namespace, rank: int, world: int) -> int:
     from . import data
-    from .experiments import mnist
+    from .experiments import mnist, runs
     from .reporting import mnist as report
 
     say = print if rank == 0 else _quiet
@@ -130,6 +130,12 @@ def _reproduce_mnist_ranks(args: argparse.Namespace, rank: int, world: int) -> i
     except data.DataError as exc:
         say(f"batchnorm reproduce mnist: {exc}", file=sys.stderr)
         return 1
+    try:  # every run's sizes against the data, before the first run starts
+        for cfg in configs:
+            mnist.check_fits(cfg, len(dataset.train.labels), len(dataset.test.labels))
+    except runs.ConfigError as exc:
+        say(f"batchnorm reproduce mnist: {exc}", file=sys.stderr)
+        return 2
     prepared = mnist.prepare_data(dataset, base.binarize_threshold)
     say(f"data: {dataset.name} from {dataset.source}; {len(configs)} run(s) into {out}")
     if world > 1:
@@ -192,7 +198,7 @@ def _reproduce_convnet(args: argparse.Namespace) -> int:
 
 def _reproduce_convnet_ranks(args: argparse.Namespace, rank: int, world: int) -> int:
     from . import data
-    from .experiments import convnet
+    from .experiments import convnet, runs
     from .reporting import convnet as report
 
     say = print if rank == 0 else _quiet
@@ -228,6 +234,12 @@ def _reproduce_convnet_ranks(args: argparse.Namespace, rank: int, world: int) ->
     except data.DataError as exc:
         say(f"batchnorm reproduce convnet: {exc}", file=sys.stderr)
         return 1
+    try:  # every run's sizes against the data, before the first run starts
+        for cfg in configs:
+            convnet.check_fits(cfg, len(dataset.train.labels), len(dataset.test.labels))
+    except runs.ConfigError as exc:
+        say(f"batchnorm reproduce convnet: {exc}", file=sys.stderr)
+        return 2
     say(
         f"data: {dataset.name} from {dataset.source}; {len(configs)} run(s) into {out}, "
         f"{min(args.jobs, len(configs))} at a time"

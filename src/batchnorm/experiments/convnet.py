@@ -81,6 +81,7 @@ __all__ = [
     "RunError",
     "accelerate",
     "build_network",
+    "check_fits",
     "evaluation_steps",
     "make_batch",
     "population_steps",
@@ -650,6 +651,15 @@ def _overflowed(skips: list[Tensor]) -> bool:
     return bool(skips) and int(torch.stack(skips).sum()) > 0
 
 
+def check_fits(cfg: ConvnetConfig, train_images: int, test_images: int) -> None:
+    """Raise :class:`~.runs.ConfigError` if a size in ``cfg`` exceeds the data set's."""
+    runs.check_batch_sizes(cfg.batch_size, cfg.population_batches, train_images)
+    if cfg.test_examples is not None and cfg.test_examples > test_images:
+        raise runs.ConfigError(
+            f"test_examples = {cfg.test_examples} exceeds the {test_images} test images"
+        )
+
+
 def run(
     cfg: ConvnetConfig,
     run_dir: str | os.PathLike,
@@ -668,15 +678,7 @@ def run(
     runs.Ranks().check(cfg.processes)
     if d.name != cfg.dataset:
         raise ValueError(f"the data are {d.name!r}, but the config asks for {cfg.dataset!r}")
-    if cfg.population_batches * cfg.batch_size > len(d.x_train):
-        raise ValueError(
-            f"population_batches × batch_size = {cfg.population_batches * cfg.batch_size} exceeds "
-            f"the {len(d.x_train)} training images"
-        )
-    if cfg.test_examples is not None and cfg.test_examples > len(d.y_test):
-        raise ValueError(
-            f"test_examples = {cfg.test_examples} exceeds the {len(d.y_test)} test images"
-        )
+    check_fits(cfg, len(d.x_train), len(d.y_test))
     with runs.open_run(run_dir, cfg.to_dict(), threads=cfg.threads):
         return _run(cfg, run_dir, d, progress, echo)
 

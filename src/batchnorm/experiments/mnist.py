@@ -71,6 +71,7 @@ __all__ = [
     "RunConfigMismatchError",
     "RunError",
     "build_mlp",
+    "check_fits",
     "load_records",
     "population_copy",
     "prepare_data",
@@ -320,6 +321,15 @@ def _sensitivity(cfg: MnistConfig, d: MnistData, bn_model: nn.Module) -> dict:
     return out
 
 
+def check_fits(cfg: MnistConfig, train_images: int, test_images: int) -> None:
+    """Raise :class:`~.runs.ConfigError` if a size in ``cfg`` exceeds the data set's."""
+    runs.check_batch_sizes(cfg.batch_size, cfg.population_batches, train_images)
+    if cfg.probe_examples > test_images:
+        raise runs.ConfigError(
+            f"probe_examples = {cfg.probe_examples} exceeds the {test_images} test images"
+        )
+
+
 def run(
     cfg: MnistConfig,
     run_dir: str | os.PathLike,
@@ -341,15 +351,7 @@ def run(
             f"the data were prepared for {d.name!r} with threshold {d.threshold}, but the config asks "
             f"for {cfg.dataset!r} with threshold {cfg.binarize_threshold}"
         )
-    if cfg.probe_examples > len(d.x_test):
-        raise ValueError(
-            f"probe_examples = {cfg.probe_examples} exceeds the {len(d.x_test)} test images"
-        )
-    if cfg.population_batches * cfg.batch_size > len(d.x_train):
-        raise ValueError(
-            f"population_batches × batch_size = {cfg.population_batches * cfg.batch_size} exceeds "
-            f"the {len(d.x_train)} training images"
-        )
+    check_fits(cfg, len(d.x_train), len(d.x_test))
     with runs.open_run(run_dir, cfg.to_dict(), threads=cfg.threads):
         return _run(cfg, run_dir, d, progress, echo)
 

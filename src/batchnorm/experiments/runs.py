@@ -93,6 +93,23 @@ class CheckpointError(RunError):
     """A run's checkpoint cannot be read."""
 
 
+class ConfigError(ValueError):
+    """A setting does not fit the data set (a size beyond its images); the message names it."""
+
+
+def check_batch_sizes(batch_size: int, population_batches: int, train_images: int) -> None:
+    """The training batch and the population estimate's batches (distinct training images)
+    must fit in the training set."""
+    if batch_size > train_images:
+        raise ConfigError(f"batch_size = {batch_size} exceeds the {train_images} training images")
+    if population_batches * batch_size > train_images:
+        raise ConfigError(
+            f"population_batches × batch_size = {population_batches} × {batch_size} exceeds the "
+            f"{train_images} training images (the population estimate uses distinct images); "
+            f"use population_batches ≤ {train_images // batch_size}"
+        )
+
+
 # -- randomness -----------------------------------------------------------------------------------
 
 
@@ -393,8 +410,13 @@ def _check_or_write_config(run_dir: Path, config: dict) -> None:
             raise RunConfigMismatchError(
                 f"{path} is not a config this program wrote ({exc}); use another --out folder"
             ) from exc
+        # Single-process configs leave out `processes` and `bn_sync` (so their config.json is
+        # what it was before data-parallel runs existed): name the one process in a difference.
+        def value(cfg: Mapping, k: str):
+            return cfg.get(k, 1 if k == "processes" else None)
+
         diff = [
-            f"{k}: saved {saved.get(k)!r}, now {config.get(k)!r}"
+            f"{k}: saved {value(saved, k)!r}, now {value(config, k)!r}"
             for k in sorted(set(saved) | set(config))
             if saved.get(k) != config.get(k)
         ]
@@ -429,10 +451,14 @@ def load_checkpoint(path: Path, version: int) -> dict | None:
     try:
         state = torch.load(path, weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+        # The first sentence only: torch's messages go on with advice for files of unknown
+        # origin (such as weights_only=False), which is wrong for a damaged checkpoint.
+        first = (str(exc).split(". ")[0].splitlines() or [""])[0][:200]
+        why = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
         raise CheckpointError(
-            f"{path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}). Checkpoints "
-            "are written atomically, so the file was damaged afterwards. Delete it to start "
-            "this run again from step 0 (its metrics will be rewritten), or use another --out."
+            f"{path} cannot be read ({why}). Checkpoints are written atomically, so the file was "
+            "damaged or replaced afterwards. Delete it to start this run again from step 0 (its "
+            "metrics will be rewritten), or use another --out."
         ) from exc
     if not isinstance(state, dict) or state.get("version") != version:
         raise CheckpointError(
