@@ -222,7 +222,7 @@ def _verdicts(
                 + ", ".join(f"{r:.1f}×" for r in ratios["unit"])
                 + " as much without BN as with it for the drawn unit, "
                 + ", ".join(f"{r:.1f}×" for r in ratios["layer"])
-                + " averaged over the layer's units (reproduced: ≥ 2× in both)",
+                + " averaged over the layer's units (the bar for reproduced: ≥ 2× in both)",
                 verdict,
             )
         )
