@@ -410,6 +410,7 @@ def _check_or_write_config(run_dir: Path, config: dict) -> None:
             raise RunConfigMismatchError(
                 f"{path} is not a config this program wrote ({exc}); use another --out folder"
             ) from exc
+
         # Single-process configs leave out `processes` and `bn_sync` (so their config.json is
         # what it was before data-parallel runs existed): name the one process in a difference.
         def value(cfg: Mapping, k: str):
