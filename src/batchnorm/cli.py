@@ -63,6 +63,19 @@ def _processes() -> Iterator[tuple[int, int]]:
         dist.destroy_process_group()
 
 
+def _misfit(check_fits, configs, dataset) -> str | None:
+    """Why the first config whose sizes exceed the data set's cannot run, checked for every run
+    before the first one starts; None if all fit."""
+    from .experiments.runs import ConfigError
+
+    try:
+        for cfg in configs:
+            check_fits(cfg, len(dataset.train.labels), len(dataset.test.labels))
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
 def _load_data(name: str, args: argparse.Namespace, rank: int, world: int):
     """The data set, loaded (or downloaded) by rank 0 first, then by the other ranks from where
     rank 0 found it; every rank raises rank 0's error."""
@@ -95,7 +108,7 @@ def _reproduce_mnist(args: argparse.Namespace) -> int:
 
 def _reproduce_mnist_ranks(args: argparse.Namespace, rank: int, world: int) -> int:
     from . import data
-    from .experiments import mnist, runs
+    from .experiments import mnist
     from .reporting import mnist as report
 
     say = print if rank == 0 else _quiet
@@ -130,11 +143,8 @@ def _reproduce_mnist_ranks(args: argparse.Namespace, rank: int, world: int) -> i
     except data.DataError as exc:
         say(f"batchnorm reproduce mnist: {exc}", file=sys.stderr)
         return 1
-    try:  # every run's sizes against the data, before the first run starts
-        for cfg in configs:
-            mnist.check_fits(cfg, len(dataset.train.labels), len(dataset.test.labels))
-    except runs.ConfigError as exc:
-        say(f"batchnorm reproduce mnist: {exc}", file=sys.stderr)
+    if misfit := _misfit(mnist.check_fits, configs, dataset):
+        say(f"batchnorm reproduce mnist: {misfit}", file=sys.stderr)
         return 2
     prepared = mnist.prepare_data(dataset, base.binarize_threshold)
     say(f"data: {dataset.name} from {dataset.source}; {len(configs)} run(s) into {out}")
@@ -198,7 +208,7 @@ def _reproduce_convnet(args: argparse.Namespace) -> int:
 
 def _reproduce_convnet_ranks(args: argparse.Namespace, rank: int, world: int) -> int:
     from . import data
-    from .experiments import convnet, runs
+    from .experiments import convnet
     from .reporting import convnet as report
 
     say = print if rank == 0 else _quiet
@@ -234,11 +244,8 @@ def _reproduce_convnet_ranks(args: argparse.Namespace, rank: int, world: int) ->
     except data.DataError as exc:
         say(f"batchnorm reproduce convnet: {exc}", file=sys.stderr)
         return 1
-    try:  # every run's sizes against the data, before the first run starts
-        for cfg in configs:
-            convnet.check_fits(cfg, len(dataset.train.labels), len(dataset.test.labels))
-    except runs.ConfigError as exc:
-        say(f"batchnorm reproduce convnet: {exc}", file=sys.stderr)
+    if misfit := _misfit(convnet.check_fits, configs, dataset):
+        say(f"batchnorm reproduce convnet: {misfit}", file=sys.stderr)
         return 2
     say(
         f"data: {dataset.name} from {dataset.source}; {len(configs)} run(s) into {out}, "
