@@ -16,6 +16,7 @@
   :func:`convert_from_sync`: to :class:`~batchnorm.nn.SyncBatchNorm` and back.
 """
 
+from ..nn.sync import convert_from_sync, convert_sync
 from ._graph import ModelTraceError
 from .accumulate import accumulate_statistics
 from .convert import bn_layers, convert, name_layers
@@ -40,7 +41,6 @@ from .freezing import (
 )
 from .insert import LAYERS, NONLINEARITIES, add_batchnorm
 from .recalibration import LayerRecalibration, RecalibrationReport, recalibrate
-from .sync import convert_from_sync, convert_sync
 
 __all__ = [
     "LAYERS",
