@@ -17,13 +17,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from batchnorm import BatchNorm1d
-from batchnorm.experiments.mnist import DataOrder, MnistConfig, build_mlp
+from batchnorm.experiments.mnist import MnistConfig, build_mlp
+from batchnorm.experiments.runs import DataOrder
 from batchnorm.functional import kernels
 
 
@@ -90,10 +92,10 @@ def main() -> None:
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         runs = {
-            "without BN": stepper(build_mlp(cfg, bn=False), x, y),
-            "our BatchNorm1d": stepper(build_mlp(cfg, bn=True), x, y),
-            "torch BatchNorm1d": stepper(with_torch_bn(build_mlp(cfg, bn=True)), x, y),
-            "affine only": stepper(affine_only(build_mlp(cfg, bn=True)), x, y),
+            "without BN": stepper(build_mlp(replace(cfg, network="plain")), x, y),
+            "our BatchNorm1d": stepper(build_mlp(cfg), x, y),
+            "torch BatchNorm1d": stepper(with_torch_bn(build_mlp(cfg)), x, y),
+            "affine only": stepper(affine_only(build_mlp(cfg)), x, y),
         }
         for run in runs.values():
             run(50)  # warm-up
@@ -110,7 +112,7 @@ def main() -> None:
             idx = order.indices(s)
             x.index_select(0, idx), y.index_select(0, idx)
         gather = (time.perf_counter() - start) / 1000 * 1e6
-        model = build_mlp(cfg, bn=True).eval()
+        model = build_mlp(cfg).eval()
         start = time.perf_counter()
         with torch.no_grad():
             for _ in range(5):

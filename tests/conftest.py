@@ -1,3 +1,4 @@
+import contextlib
 import os
 from pathlib import Path
 
@@ -41,22 +42,58 @@ def threads(request):
     torch.set_num_threads(old)
 
 
-# The real MNIST / Fashion-MNIST IDX files live in shared/data next to the repository checkout
-# (see shared/data/*/README.md); BATCHNORM_TEST_DATA overrides. The project's code never hard-codes
-# this path: tests pass it explicitly.
+# The real data sets: found the way the library finds them (data.locate: $BATCHNORM_DATA, the
+# OS package folders, the per-user cache; never a download), after $BATCHNORM_TEST_DATA (a folder
+# with mnist/ and fashion-mnist/, for the tests alone; unset: the project machines' shared/data
+# next to the checkout). Without them the tests that need them skip, and the run ends with one line
+# saying how many and why; under CI (which has them) their absence fails instead.
 REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = ("mnist", "fashion-mnist")
+_skipped: list[str] = []
 
 
-def real_data_root() -> Path:
-    return Path(os.environ.get("BATCHNORM_TEST_DATA", REPO.parent / "shared" / "data"))
+def _find_real_data(name: str) -> tuple[Path | None, str]:
+    """The folder holding data set ``name``, or None and where the search looked."""
+    from batchnorm import data
+
+    spec = data.DATASETS[name]
+    looked = []
+    root = os.environ.get("BATCHNORM_TEST_DATA") or REPO.parent / "shared" / "data"
+    with contextlib.suppress(data.DataError):
+        return data.locate(spec, Path(root) / name, download=False), ""
+    looked.append(str(Path(root) / name))
+    try:
+        return data.locate(spec, None, download=False), ""
+    except data.DataError:
+        looked.append(f"${data.ENV_VAR}, the OS package folders, the cache")
+    return None, "; ".join(looked)
+
+
+class RealData:
+    """``data_root / "mnist"``: the folder of that data set, or a skip (a failure under CI)."""
+
+    def __truediv__(self, name: str) -> Path:
+        folder, looked = _find_real_data(name)
+        if folder is None:
+            message = f"the real {name} files were not found (looked in {looked})"
+            if os.environ.get("CI"):
+                pytest.fail(message)  # CI has them: their absence is a broken setup, not a skip
+            _skipped.append(name)
+            pytest.skip(message)
+        return folder
 
 
 @pytest.fixture(scope="session")
-def data_root() -> Path:
-    root = real_data_root()
-    if not (root / "mnist" / "train-images-idx3-ubyte.gz").is_file():
-        message = f"the real MNIST files are not in {root} (set BATCHNORM_TEST_DATA)"
-        if os.environ.get("CI"):
-            pytest.fail(message)  # CI has them: their absence is a broken setup, not a skip
-        pytest.skip(message)
-    return root
+def data_root() -> RealData:
+    return RealData()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _skipped:
+        names = ", ".join(sorted(set(_skipped)))
+        terminalreporter.write_line(
+            f"{len(_skipped)} test(s) that need the real data sets skipped: {names} not found. "
+            f"Put the files where the library looks ($BATCHNORM_DATA=<folder with mnist/ and "
+            "fashion-mnist/>, or the cache), or set BATCHNORM_TEST_DATA.",
+            yellow=True,
+        )

@@ -16,6 +16,8 @@ import os
 import pickle
 import socket
 import struct
+import subprocess
+import sys
 import tarfile
 import threading
 from dataclasses import replace
@@ -338,10 +340,11 @@ def test_real_mnist(data_root, isolated):
     assert ds.train.images.float().div(255).mean().item() == pytest.approx(0.1307, abs=1e-4)
 
 
-def test_real_fashion_mnist_via_env_root(data_root, isolated, monkeypatch):
-    monkeypatch.setenv(data.ENV_VAR, str(data_root))  # a root with mnist/ and fashion-mnist/
+def test_real_fashion_mnist_via_env_root(data_root, isolated, monkeypatch, tmp_path):
+    (tmp_path / "fashion-mnist").symlink_to(data_root / "fashion-mnist")
+    monkeypatch.setenv(data.ENV_VAR, str(tmp_path))  # a root with mnist/ and fashion-mnist/
     ds = data.load("fashion-mnist", download=False)
-    assert ds.source == data_root / "fashion-mnist"
+    assert ds.source == tmp_path / "fashion-mnist"
     assert ds.train.labels.bincount().tolist() == [6000] * 10
     assert ds.test.labels.bincount().tolist() == [1000] * 10
     assert ds.train.images.float().div(255).mean().item() == pytest.approx(0.286, abs=1e-3)
@@ -579,3 +582,17 @@ def test_real_cifar10_spec_not_found_says_how_to_get_it(isolated):
     assert "unpack cifar-10-python.tar.gz: they are in its cifar-10-batches-py/ folder" in msg
     assert data.CIFAR10.archive.md5 == "c58f30108f718f92721af3b95e74349a"
     assert len(data.CIFAR10.files) == 7
+
+
+def test_the_suite_says_once_why_real_data_tests_skip(tmp_path):
+    """Without the data sets anywhere the library looks, the real-data tests skip, and the run
+    ends with one line saying how many and why (not 32 silent skips)."""
+    env = {k: v for k, v in os.environ.items() if k not in (data.ENV_VAR, "CI")}
+    env |= {"BATCHNORM_TEST_DATA": str(tmp_path / "none"), "BATCHNORM_CACHE": str(tmp_path)}
+    env["BATCHNORM_KERNELS"] = "off"  # an empty cache: do not build the kernels for this
+    tests = "test_real_mnist or test_real_fashion_mnist_via_env_root"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout
+    assert "2 skipped" in out.stdout and "need the real data sets skipped" in out.stdout, out.stdout
+    assert "BATCHNORM_DATA" in out.stdout

@@ -1,17 +1,28 @@
-"""batchnorm.experiments.runs: the run-folder machinery both experiments share.
+"""batchnorm.experiments.runs: the run-folder machinery every experiment shares.
 
 The experiments' own tests (test_mnist.py, test_convnet.py) run it end to end; these check its
 pieces directly: data order, config check, lock, checkpoints, metrics files, parallel runs.
 """
 
 import json
+import os
+import stat
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from batchnorm import runfiles
+from batchnorm._atomic import write_text
 from batchnorm.experiments import runs
+
+
+def doc(config: dict, experiment: str = "test") -> dict:
+    """A run's config.json document around ``config``."""
+    return runfiles.config_document(
+        experiment, config, {"name": "net"}, preset=None, versions=runs.versions()
+    )
 
 
 def test_derive_seed_is_stable_and_independent():
@@ -64,35 +75,91 @@ def test_data_order_drops_the_partial_batch_and_refuses_bad_input():
 
 def test_open_run_writes_the_config_once_and_refuses_another(tmp_path):
     run_dir = tmp_path / "run"
-    with runs.open_run(run_dir, {"a": 1, "b": [1, 2]}, threads=1) as d:
+    with runs.open_run(run_dir, doc({"a": 1, "b": [1, 2]}), threads=1) as d:
         assert d == run_dir and torch.get_num_threads() == 1
+        assert (run_dir / ".lock").exists()
+    assert not (run_dir / ".lock").exists(), "the lock file goes with the lock"
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["config"] == {"a": 1, "b": [1, 2]} and saved["versions"]["torch"]
-    with runs.open_run(run_dir, {"a": 1, "b": [1, 2]}, threads=1):
+    assert saved["experiment"] == "test" and saved["schema"] == runfiles.SCHEMA
+    with runs.open_run(run_dir, doc({"a": 1, "b": [1, 2]}), threads=1):
         pass  # the same settings: resume
     before = (run_dir / "config.json").read_bytes()
     with (
         pytest.raises(runs.RunConfigMismatchError, match=r"a: saved 1, now 2; c: saved None"),
-        runs.open_run(run_dir, {"a": 2, "b": [1, 2], "c": 0}, threads=1),
+        runs.open_run(run_dir, doc({"a": 2, "b": [1, 2], "c": 0}), threads=1),
     ):
         pass
     assert (run_dir / "config.json").read_bytes() == before
     with (  # a single-process config leaves `processes` out: it still reads as 1 process
         pytest.raises(runs.RunConfigMismatchError, match=r"processes: saved 1, now 2"),
-        runs.open_run(run_dir, {"a": 1, "b": [1, 2], "processes": 2}, threads=1),
+        runs.open_run(run_dir, doc({"a": 1, "b": [1, 2], "processes": 2}), threads=1),
+    ):
+        pass
+    with (
+        pytest.raises(runs.RunConfigMismatchError, match=r"another experiment \('test'\)"),
+        runs.open_run(run_dir, doc({"a": 1, "b": [1, 2]}, "other"), threads=1),
     ):
         pass
     multi = tmp_path / "multi"
-    with runs.open_run(multi, {"a": 1, "processes": 2, "bn_sync": True}, threads=1):
+    with runs.open_run(multi, doc({"a": 1, "processes": 2, "bn_sync": True}), threads=1):
         pass
     with (
         pytest.raises(
             runs.RunConfigMismatchError,
             match=r"bn_sync: saved True, now None; processes: saved 2, now 1\b",
         ),
-        runs.open_run(multi, {"a": 1}, threads=1),
+        runs.open_run(multi, doc({"a": 1}), threads=1),
     ):
         pass
+
+
+def test_a_mismatch_names_each_nested_setting_once_and_skips_derived_ones(tmp_path):
+    run_dir = tmp_path / "run"
+    base = {"base": {"lr": 0.02, "decay": 2000}, "recipe": {"lr": 0.1, "decay": 333}}
+    with runs.open_run(run_dir, doc(base), threads=1, derived=("recipe",)):
+        pass
+    other = {"base": {"lr": 0.05, "decay": 2000}, "recipe": {"lr": 0.25, "decay": 333}}
+    with (
+        pytest.raises(runs.RunConfigMismatchError) as exc,
+        runs.open_run(run_dir, doc(other), threads=1, derived=("recipe",)),
+    ):
+        pass
+    message = str(exc.value)
+    assert "base.lr: saved 0.02, now 0.05" in message and message.count("saved") == 1
+
+
+def test_an_older_format_is_refused_with_what_to_do(tmp_path):
+    run_dir = tmp_path / "old"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"config": {"a": 1}, "versions": {}}))
+    with (
+        pytest.raises(runs.RunConfigMismatchError, match=r"older format.*batchnorm report"),
+        runs.open_run(run_dir, doc({"a": 1}), threads=1),
+    ):
+        pass
+
+
+def test_an_unwritable_folder_is_a_run_error_not_a_traceback(tmp_path):
+    (tmp_path / "file").write_text("")
+    for where in (tmp_path / "file" / "run", "/proc/batchnorm-test/run"):
+        with (
+            pytest.raises(runs.RunError, match="cannot write the run folder"),
+            runs.open_run(where, doc({}), threads=1),
+        ):
+            pass
+
+
+def test_atomic_files_get_the_mode_of_a_plain_open(tmp_path):
+    old = os.umask(0o027)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+        with open(tmp_path / "b.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "a.txt").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "b.txt").stat().st_mode) == 0o640
 
 
 def test_open_run_clears_leftovers_of_a_hard_kill_and_restores_threads(tmp_path):
@@ -100,7 +167,7 @@ def test_open_run_clears_leftovers_of_a_hard_kill_and_restores_threads(tmp_path)
     run_dir.mkdir()
     (run_dir / ".checkpoint.pt.abc.part").write_bytes(b"half")
     old = torch.get_num_threads()
-    with runs.open_run(run_dir, {}, threads=1):
+    with runs.open_run(run_dir, doc({}), threads=1):
         assert not list(run_dir.glob("*.part"))
     assert torch.get_num_threads() == old
 
@@ -119,7 +186,7 @@ def test_a_locked_run_folder_is_refused(tmp_path):
             assert holder.stdout.readline().strip() == "locked"
             with (
                 pytest.raises(runs.RunError, match="in use by another process"),
-                runs.open_run(run_dir, {}, threads=1),
+                runs.open_run(run_dir, doc({}), threads=1),
             ):
                 pass
             assert not (run_dir / "config.json").exists()
@@ -150,9 +217,14 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
 def test_metrics_files(tmp_path):
     records = [{"step": 0, "acc": 0.1, "layer": [1, 2]}, {"step": 5, "acc": 0.5, "extra": None}]
     runs.write_metrics(tmp_path, records)
-    assert runs.load_records(tmp_path) == records
+    assert runfiles.read_records(tmp_path) == (records, "metrics.jsonl")
     lines = (tmp_path / "metrics.csv").read_text().splitlines()
     assert lines == ["step,acc,extra", "0,0.1,", "5,0.5,"]  # list-valued fields stay out
+    (tmp_path / "metrics.jsonl").unlink()  # a snapshot without it: the scalar columns remain
+    assert runfiles.read_records(tmp_path) == (
+        [{"step": 0, "acc": 0.1, "extra": None}, {"step": 5, "acc": 0.5, "extra": None}],
+        "metrics.csv",
+    )
 
 
 # -- parallel runs ---------------------------------------------------------------------------------

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from batchnorm import runfiles
 from batchnorm.cli import main
-from batchnorm.experiments import runs
 
 TIMEOUT = 300  # seconds for one torchrun; a hang fails the test instead of stalling CI
 ARGS = ["--steps", "1000", "--eval-every", "100", "--population-batches", "10", "--no-progress"]
-RUN = "lr0.5_std0.01_eps1e-05_seed0"
+RUN = "lr0.5_std0.01_eps1e-05_seed0"  # plain_<RUN> and bn_<RUN>
 
 
 def torchrun(args: list[str], cwd: Path, **popen) -> subprocess.Popen:
@@ -78,7 +78,7 @@ def runs_dir(data_root, tmp_path_factory) -> Path:
 
     sync = ["reproduce", "mnist", *ARGS, *data, "--out", str(root / "sync")]
     proc = torchrun(sync, root)
-    metrics = root / "sync" / RUN / "metrics.jsonl"
+    metrics = root / "sync" / f"bn_{RUN}" / "metrics.jsonl"  # the second run, with SyncBN
     deadline = time.monotonic() + TIMEOUT
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         assert proc.poll() is None, proc.communicate()[0]
@@ -96,42 +96,48 @@ def runs_dir(data_root, tmp_path_factory) -> Path:
     return root
 
 
-def records(folder: Path) -> list[dict]:
-    return runs.load_records(folder / RUN)
+def records(folder: Path, net: str) -> list[dict]:
+    return runfiles.read_records(folder / f"{net}_{RUN}")[0]
 
 
 def test_sync_bn_on_two_processes_is_the_single_process_run_even_after_a_kill(runs_dir):
-    one, two = records(runs_dir / "single"), records(runs_dir / "sync")
-    assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(0, 1001, 100))
-    for a, b in zip(one, two, strict=True):
-        for key in ("test_acc_plain", "test_acc_bn_population", "test_acc_bn_ema"):
-            assert b[key] == pytest.approx(a[key], abs=2e-3), (a["step"], key)
-        for key in ("train_loss_plain", "train_loss_bn", "test_loss_bn_population"):
-            if a[key] is not None:
-                assert b[key] == pytest.approx(a[key], rel=1e-3), (a["step"], key)
-    cfg = json.loads((runs_dir / "sync" / RUN / "config.json").read_text())["config"]
+    for net, keys in (
+        ("plain", ("test_acc",)),
+        ("bn", ("test_acc", "test_acc_population")),
+    ):
+        one, two = records(runs_dir / "single", net), records(runs_dir / "sync", net)
+        assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(0, 1001, 100))
+        for a, b in zip(one, two, strict=True):
+            for key in keys:
+                assert b[key] == pytest.approx(a[key], abs=2e-3), (net, a["step"], key)
+            for key in ("train_loss", "test_loss"):
+                if a[key] is not None:
+                    assert b[key] == pytest.approx(a[key], rel=1e-3), (net, a["step"], key)
+    bn_dir = runs_dir / "sync" / f"bn_{RUN}"
+    cfg = json.loads((bn_dir / "config.json").read_text())["config"]
     assert cfg["processes"] == 2 and cfg["bn_sync"] is True
-    single = json.loads((runs_dir / "single" / RUN / "config.json").read_text())["config"]
-    assert "processes" not in single  # single-process configs are what they always were
-    sessions = json.loads((runs_dir / "sync" / RUN / "env.json").read_text())["sessions"]
+    single = json.loads((runs_dir / "single" / f"bn_{RUN}" / "config.json").read_text())
+    assert "processes" not in single["config"]  # single-process configs leave it out
+    sessions = json.loads((bn_dir / "env.json").read_text())["sessions"]
     assert len(sessions) == 2 and sessions[1]["resumed_from_step"] > 0  # rank 0 only, twice
 
 
 def test_per_rank_statistics_change_the_bn_network_only(runs_dir):
-    sync, per_rank = records(runs_dir / "sync"), records(runs_dir / "per-rank")
+    sync, per_rank = records(runs_dir / "sync", "plain"), records(runs_dir / "per-rank", "plain")
     for a, b in zip(sync, per_rank, strict=True):
-        if a["train_loss_plain"] is not None:
-            assert b["train_loss_plain"] == pytest.approx(a["train_loss_plain"], rel=1e-4)
+        if a["train_loss"] is not None:
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
     # each process normalizes its 30 examples instead of the 60: a different network
+    sync, per_rank = records(runs_dir / "sync", "bn"), records(runs_dir / "per-rank", "bn")
     diffs = [
-        abs(a["train_loss_bn"] - b["train_loss_bn"])
+        abs(a["train_loss"] - b["train_loss"])
         for a, b in zip(sync, per_rank, strict=True)
-        if a["train_loss_bn"] is not None
+        if a["train_loss"] is not None
     ]
     assert max(diffs) > 1e-3
-    assert per_rank[-1]["test_acc_bn_population"] > 0.85  # and it still learns
-    cfg = json.loads((runs_dir / "per-rank" / RUN / "config.json").read_text())["config"]
-    assert cfg["bn_sync"] is False
+    assert per_rank[-1]["test_acc_population"] > 0.85  # and it still learns
+    cfg = json.loads((runs_dir / "per-rank" / f"bn_{RUN}" / "config.json").read_text())
+    assert cfg["config"]["bn_sync"] is False
 
 
 def test_a_resume_with_another_process_count_is_refused(runs_dir, data_root):
@@ -157,8 +163,8 @@ def test_convnet_with_sync_bn_on_two_processes_follows_the_single_process_run(da
     args += ["--data-dir", str(data_root / "fashion-mnist")]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     finish(torchrun([*args, "--out", str(tmp_path / "two")], tmp_path))
-    one = runs.load_records(tmp_path / "one" / "bn-x5_lr0.1_seed0")
-    two = runs.load_records(tmp_path / "two" / "bn-x5_lr0.1_seed0")
+    one = runfiles.read_records(tmp_path / "one" / "bn-x5_lr0.1_seed0")[0]
+    two = runfiles.read_records(tmp_path / "two" / "bn-x5_lr0.1_seed0")[0]
     assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 1, 2, 3, 4]
     for a, b in zip(one[1:], two[1:], strict=True):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4), a["step"]

@@ -1,4 +1,11 @@
-"""The ``batchnorm`` command line: thin wrappers that parse arguments and call the experiments."""
+"""The ``batchnorm`` command line: parses, calls the experiments and the reports, prints.
+
+The options of ``batchnorm reproduce <experiment>`` and ``batchnorm demo`` are generated from the
+config dataclasses (:mod:`batchnorm.experiments.config`): each flag's type, default and help come
+from its field, and a bad value gets the config's own check, printed under the flag's name. Bad
+input is one line on stderr and exit code 2; a missing data set or a run that cannot go on, exit
+code 1; Ctrl-C, 130.
+"""
 
 from __future__ import annotations
 
@@ -6,44 +13,109 @@ import argparse
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
-# What --quick changes: a short run for CI and a first look (about half a minute).
-QUICK = {"steps": 2000, "eval_every": 100}
+from . import __version__
+
+USAGE_ERROR, RUN_ERROR, INTERRUPTED = 2, 1, 130
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from .experiments import demo
-
-    demo.run(demo.DemoConfig(steps=args.steps, seed=args.seed))
-    return 0
+class UsageError(Exception):
+    """Bad input on the command line: printed as one line, exit code 2."""
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    return values
+# -- options generated from a config ----------------------------------------------------------------
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
+def _parser_of(kind: type, sweep: bool):
+    """``argparse`` type: one value of ``kind``, or (``sweep``) a comma-separated list of them."""
+
+    def one(text: str):
+        text = text.strip()
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        try:
+            return kind(text)
+        except ValueError:
+            name = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
+
+    if not sweep:
+        return one
+
+    def many(text: str):
+        values = [one(v) for v in text.split(",") if v.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError("expected at least one value")
+        return values
+
+    return many
+
+
+def _add_config_options(parser: argparse.ArgumentParser, config: type, presets: dict) -> list:
+    from .experiments.config import options
+
+    opts = list(options(config))
+    for opt in opts:
+        extra = "".join(
+            f"; --{name}: {_show(values[opt.path])}"
+            for name, values in presets.items()
+            if opt.path in values
+        )
+        plural = " (comma-separated: every combination runs)" if opt.sweep else ""
+        metavar = {int: "N", float: "X"}.get(opt.type, "VALUE")
+        if opt.choices:
+            metavar = "{" + ",".join(map(str, opt.choices)) + "}"
+        parser.add_argument(
+            opt.flag,
+            dest=opt.name,
+            type=_parser_of(opt.type, opt.sweep),
+            choices=None if opt.sweep else opt.choices,
+            metavar=f"{metavar},{metavar},..." if opt.sweep else metavar,
+            help=f"{opt.help}{plural} (default {_show(opt.default)}{extra})",
+        )
+    return opts
+
+
+def _show(value: object) -> str:
+    if value is None:
+        return "all"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _flag(field: str, opts: list) -> str:
+    """The flag a config field is set by (``seed`` -> ``--seeds``), else the field's name."""
+    from .experiments.config import flag_name
+
+    special = {
+        "seed": "--seeds",
+        "network": "--networks",
+        "processes": "torchrun's --nproc-per-node",
+    }
+    if field in special:
+        return special[field]
+    names = {o.name.replace("_", "."): o.flag for o in opts} | {o.name: o.flag for o in opts}
+    return names.get(field, names.get(field.replace(".", "_"), flag_name(field)))
+
+
+def _config_error(exc, opts: list) -> UsageError:
+    return UsageError(f"{_flag(exc.field, opts)} {exc.problem}")
+
+
+# -- torchrun and data ----------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -61,19 +133,6 @@ def _processes() -> Iterator[tuple[int, int]]:
         yield dist.get_rank(), world
     finally:
         dist.destroy_process_group()
-
-
-def _misfit(check_fits, configs, dataset) -> str | None:
-    """Why the first config whose sizes exceed the data set's cannot run, checked for every run
-    before the first one starts; None if all fit."""
-    from .experiments.runs import ConfigError
-
-    try:
-        for cfg in configs:
-            check_fits(cfg, len(dataset.train.labels), len(dataset.test.labels))
-    except ConfigError as exc:
-        return str(exc)
-    return None
 
 
 def _load_data(name: str, args: argparse.Namespace, rank: int, world: int):
@@ -101,79 +160,104 @@ def _load_data(name: str, args: argparse.Namespace, rank: int, world: int):
     return dataset if rank == 0 else data.load(name, box[0], download=False)
 
 
-def _reproduce_mnist(args: argparse.Namespace) -> int:
-    with _processes() as (rank, world):
-        return _reproduce_mnist_ranks(args, rank, world)
+def _check_out(out: Path) -> None:
+    """``--out`` must be a folder this process can write (made if missing)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder; choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(
+            f"--out {out} cannot be written ({exc.strerror or type(exc).__name__}); choose "
+            "another --out"
+        ) from None
 
 
-def _reproduce_mnist_ranks(args: argparse.Namespace, rank: int, world: int) -> int:
-    from . import data
-    from .experiments import mnist
-    from .reporting import mnist as report
+def _build_kernels(say) -> bool:
+    """Load the fused kernels, saying so first when that means compiling them."""
+    from .functional import kernels
 
-    say = print if rank == 0 else _quiet
-    base = mnist.MnistConfig(processes=world, bn_sync=args.bn == "sync")
-    overrides = dict(QUICK) if args.quick else {}
-    for name in (
-        "steps",
-        "batch_size",
-        "eval_every",
-        "population_batches",
-        "momentum",
-        "dataset",
-        "threads",
-    ):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    try:
-        base = replace(base, **overrides)
-        configs = mnist.sweep(
-            base,
-            lrs=args.lr or (),
-            init_stds=args.init_std or (),
-            epss=args.eps or (),
-            seeds=args.seeds or (),
-        )
-    except ValueError as exc:
-        say(f"batchnorm reproduce mnist: {exc}", file=sys.stderr)
-        return 2
-    out = Path(args.out or _default_out("mnist", args.quick, world, args.bn))
-    try:
-        dataset = _load_data(base.dataset, args, rank, world)
-    except data.DataError as exc:
-        say(f"batchnorm reproduce mnist: {exc}", file=sys.stderr)
-        return 1
-    if misfit := _misfit(mnist.check_fits, configs, dataset):
-        say(f"batchnorm reproduce mnist: {misfit}", file=sys.stderr)
-        return 2
-    prepared = mnist.prepare_data(dataset, base.binarize_threshold)
-    say(f"data: {dataset.name} from {dataset.source}; {len(configs)} run(s) into {out}")
-    if world > 1:
-        say(f"{world} processes, BN statistics {args.bn}; rank 0 writes")
-    current = None
-    try:
-        for cfg in configs:
-            current = out / mnist.run_name(cfg)
-            mnist.run(cfg, current, prepared, progress=not args.no_progress and rank == 0)
-            if rank == 0:
-                report.write_run_report(report.load_run(current))
-    except mnist.RunError as exc:
-        say(f"batchnorm reproduce mnist: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        say(
-            f"\ninterrupted; {current} keeps its last checkpoint. Run the same command to resume.",
-            file=sys.stderr,
-        )
-        return 130
-    if rank == 0:
-        path = report.write_sweep_report(out, report.find_runs(out))
-        print(f"report: {path}")
-    return 0
+    if not kernels.needs_build():
+        return kernels.load()
+    say(
+        f"building the fused CPU kernels once (about a minute); cached in {kernels.build_dir()}",
+        flush=True,
+    )
+    start = time.perf_counter()
+    ok = kernels.load()
+    if ok:
+        say(f"kernels built in {time.perf_counter() - start:.0f} s", flush=True)
+    else:
+        say(f"kernels not built; the portable path is used ({kernels.status()})", flush=True)
+    return ok
 
 
 def _quiet(*args: object, **kwargs: object) -> None:
     """``print`` on ranks other than 0: they say nothing."""
+
+
+def _err(*args: object, **kwargs: object) -> None:
+    print(*args, file=sys.stderr, **kwargs)
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from .experiments.runs import RunError
+
+    with _processes() as (rank, world):
+        say = print if rank == 0 else _quiet
+        prog = f"batchnorm reproduce {args.experiment}"
+        try:
+            return _reproduce_ranks(args, rank, world, say)
+        except UsageError as exc:
+            (_err if rank == 0 else _quiet)(f"{prog}: {exc}")
+            return USAGE_ERROR
+        except RunError:  # another rank's failure, which that rank reports
+            return RUN_ERROR
+
+
+def _configs(experiment, args: argparse.Namespace, world: int, opts: list) -> list:
+    from .experiments.config import ConfigError, grid, with_values
+
+    try:
+        base = experiment.config(processes=world, bn_sync=args.bn == "sync")
+        base = experiment.preset(base, "quick" if args.quick else None)
+        scalars, lists = {}, {}
+        for opt in opts:
+            value = getattr(args, opt.name)
+            if value is not None:
+                (lists if opt.sweep else scalars)[opt.path] = value
+        base = with_values(base, scalars)
+        settings = grid(base, lists)
+        return [
+            with_values(cfg, {("network",): net, ("seed",): seed})
+            for cfg in settings
+            for net in args.networks
+            for seed in args.seeds or [base.seed]
+        ]
+    except ConfigError as exc:
+        raise _config_error(exc, opts) from None
+
+
+def _networks(experiment, text: str | None) -> list[str]:
+    if text is None:
+        return list(experiment.network_groups.get("all", experiment.networks))
+    if text in experiment.network_groups:
+        return list(experiment.network_groups[text])
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in experiment.networks]
+    if unknown or not names:
+        groups = ", ".join(f"'{g}'" for g in experiment.network_groups)
+        raise UsageError(
+            f"--networks: unknown network(s) {', '.join(unknown) or repr(text)}; choose from "
+            f"{', '.join(experiment.networks)}" + (f", or {groups}" if groups else "")
+        )
+    return names
 
 
 def _default_out(experiment: str, quick: bool, world: int, bn: str) -> str:
@@ -184,113 +268,133 @@ def _default_out(experiment: str, quick: bool, world: int, bn: str) -> str:
     return f"runs/{experiment}{suffix}"
 
 
-def _networks(text: str) -> list[str]:
-    from .experiments.convnet import MAIN, NETWORKS, STUDY
+def _reproduce_ranks(args: argparse.Namespace, rank: int, world: int, say) -> int:
+    from . import data, runfiles
+    from ._atomic import write_text
+    from .experiments import study
+    from .experiments.config import ConfigError
+    from .experiments.runs import Ranks, RunError, tensorboard_available
+    from .reporting import ReportError, write_report
 
-    if text == "all":
-        return list(STUDY)
-    if text == "main":
-        return list(MAIN)
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [n for n in names if n not in NETWORKS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown network(s) {', '.join(unknown) or repr(text)}; choose from "
-            f"{', '.join(NETWORKS)}, or 'all' (the paper's seven) or 'main' ({','.join(MAIN)})"
-        )
-    return names
-
-
-def _reproduce_convnet(args: argparse.Namespace) -> int:
-    with _processes() as (rank, world):
-        return _reproduce_convnet_ranks(args, rank, world)
-
-
-def _reproduce_convnet_ranks(args: argparse.Namespace, rank: int, world: int) -> int:
-    from . import data
-    from .experiments import convnet
-    from .reporting import convnet as report
-
-    say = print if rank == 0 else _quiet
+    experiment = study.get(args.experiment)
+    prog = f"batchnorm reproduce {args.experiment}"
+    args.networks = _networks(experiment, args.networks)
+    configs = _configs(experiment, args, world, args.opts)
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be a positive integer, got {args.jobs}")
+    if world > 1 and args.jobs > 1:
+        raise UsageError("--jobs must be 1 under torchrun (the processes share each run)")
+    out = Path(args.out or _default_out(args.experiment, args.quick, world, args.bn))
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder; choose another --out")
     try:
-        base = convnet.ConvnetConfig(processes=world, bn_sync=args.bn == "sync")
-        if args.quick:
-            base = convnet.quick(base)
-        overrides = {
-            name: getattr(args, name)
-            for name in ("steps", "eval_every", "dataset", "threads", "width", "test_examples")
-            if getattr(args, name) is not None
-        }
-        base = replace(base, **overrides)
-        configs = [
-            replace(base, network=net, seed=seed, base=replace(base.base, lr=lr))
-            for lr in args.base_lr or [base.base.lr]
-            for net in args.networks
-            for seed in args.seeds or [base.seed]
-        ]
-    except ValueError as exc:
-        say(f"batchnorm reproduce convnet: {exc}", file=sys.stderr)
-        return 2
-    if args.jobs < 1 or (world > 1 and args.jobs > 1):
-        say(
-            "batchnorm reproduce convnet: --jobs must be at least 1, and 1 under torchrun (the "
-            "processes share each run)",
-            file=sys.stderr,
-        )
-        return 2
-    out = Path(args.out or _default_out("convnet", args.quick, world, args.bn))
-    try:
-        dataset = _load_data(base.dataset, args, rank, world)
+        dataset = _load_data(configs[0].dataset, args, rank, world)
     except data.DataError as exc:
-        say(f"batchnorm reproduce convnet: {exc}", file=sys.stderr)
-        return 1
-    if misfit := _misfit(convnet.check_fits, configs, dataset):
-        say(f"batchnorm reproduce convnet: {misfit}", file=sys.stderr)
-        return 2
+        say(f"{prog}: {exc}", file=sys.stderr)
+        return RUN_ERROR
+    try:
+        for cfg in configs:
+            experiment.check_fits(cfg, len(dataset.train.labels), len(dataset.test.labels))
+    except ConfigError as exc:
+        raise _config_error(exc, args.opts) from None
+    failure = None
+    if rank == 0:
+        try:
+            _check_out(out)
+        except UsageError as exc:
+            failure = exc
+    Ranks().agree(failure)  # under torchrun the other ranks stop with rank 0
+    jobs = min(args.jobs, len(configs))
     say(
-        f"data: {dataset.name} from {dataset.source}; {len(configs)} run(s) into {out}, "
-        f"{min(args.jobs, len(configs))} at a time"
+        f"data: {dataset.name} from {dataset.source}; {len(configs)} run(s) into {out}, {jobs} at a time"
     )
     if world > 1:
         say(f"{world} processes, BN statistics {args.bn}; rank 0 writes")
+    if rank == 0:
+        if not tensorboard_available():
+            say("TensorBoard events off (pip install 'batchnorm[tensorboard]' to write them)")
+        _build_kernels(say)  # before the workers start, which would each wait for the build
+        main = experiment.preset(experiment.config(), "quick" if args.quick else None)
+        study_doc = {"experiment": experiment.name, "schema": runfiles.SCHEMA}
+        study_doc["main"] = {
+            k: v for k, v in main.to_dict().items() if k not in ("network", "seed")
+        }
+        if not (out / runfiles.STUDY).exists():
+            import json
+
+            write_text(out / runfiles.STUDY, json.dumps(study_doc, indent=2) + "\n")
     try:
-        convnet.run_study(
+        study.run_study(
+            experiment,
             configs,
             out,
             dataset,
-            jobs=args.jobs,
+            preset="quick" if args.quick else None,
+            jobs=jobs,
             progress=not args.no_progress and rank == 0,
             echo=say,
         )
-    except convnet.RunError as exc:
-        say(f"batchnorm reproduce convnet: {exc}", file=sys.stderr)
-        return 1
+    except RunError as exc:
+        say(f"{prog}: {exc}", file=sys.stderr)
+        return RUN_ERROR
     except KeyboardInterrupt:
         say(
             f"\ninterrupted; every run in {out} keeps its last checkpoint. Run the same command "
             "to resume.",
             file=sys.stderr,
         )
-        return 130
+        return INTERRUPTED
     if rank == 0:
-        path = report.write_report(out)
-        print(f"report: {path}")
+        try:
+            print(f"report: {write_report(out)}")
+        except ReportError as exc:  # e.g. one network of a pair: the runs are fine, no figure
+            print(f"no report: {exc}")
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .reporting import convnet, mnist
+    from .reporting import ReportError, write_report
 
-    folder = Path(args.folder)
-    configs = [folder / "config.json", *folder.glob("*/config.json")] if folder.is_dir() else []
-    is_convnet = any(p.is_file() and '"network"' in p.read_text() for p in configs)
     try:
-        path = convnet.write_report(folder) if is_convnet else mnist.write_reports(folder)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        print(f"batchnorm report: {exc}", file=sys.stderr)
-        return 1
+        path = write_report(args.folder)
+    except (FileNotFoundError, ReportError) as exc:
+        _err(f"batchnorm report: {exc}")
+        return USAGE_ERROR
     print(f"report: {path}")
     return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .experiments import demo
+    from .experiments.config import ConfigError
+
+    try:
+        cfg = demo.DemoConfig(
+            **{
+                o.name: getattr(args, o.name)
+                for o in args.opts
+                if getattr(args, o.name) is not None
+            }
+        )
+    except ConfigError as exc:
+        _err(f"batchnorm demo: {_config_error(exc, args.opts)}")
+        return USAGE_ERROR
+    _build_kernels(print)
+    demo.run(cfg)
+    return 0
+
+
+def _build_kernels_command(args: argparse.Namespace) -> int:
+    from .functional import kernels
+
+    if _build_kernels(print):
+        print(kernels.status())
+        return 0
+    _err(f"batchnorm build-kernels: {kernels.status()}")
+    return RUN_ERROR
+
+
+# -- the parser ------------------------------------------------------------------------------------
 
 
 def _bn_argument(parser: argparse.ArgumentParser) -> None:
@@ -305,190 +409,96 @@ def _bn_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="batchnorm",
-        description="Batch Normalization (Ioffe & Szegedy, 2015): layers, kernels and the paper's experiments.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="train a small BN network on synthetic data (a few seconds)")
-    p.add_argument("--steps", type=int, default=400, help="SGD steps (default: 400)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.set_defaults(func=_demo)
+def _seeds(text: str) -> list[int]:
+    values = _parser_of(int, True)(text)
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"seeds must be integers >= 0, got {text!r}")
+    return values
 
-    rep = sub.add_parser("reproduce", help="reproduce one of the paper's experiments")
-    rsub = rep.add_subparsers(dest="experiment", required=True)
-    from .experiments.mnist import MnistConfig
 
-    d = MnistConfig()
-    m = rsub.add_parser(
-        "mnist",
-        help="Figure 1: MNIST MLP with and without BN (about 3 minutes per seed on 2 cores)",
-        description=(
-            "Reproduce Figure 1 of the paper (Sec. 4.1): a 784-100-100-100-10 sigmoid MLP on "
-            "binarized MNIST, trained with plain SGD with and without BN (our BatchNorm1d before "
-            "every hidden sigmoid, hidden biases dropped), same seed and data order. Writes one "
-            "folder per setting (config.json, env.json, metrics.jsonl/.csv, checkpoint, TensorBoard "
-            "events, figure1.png/.svg, report.md) and a summary report.md in --out. Interrupted "
-            "runs resume from their last checkpoint when the same command is run again. "
-            "Lists (--lr 0.1,0.5) run every combination."
-        ),
-    )
-    m.add_argument(
-        "--steps",
-        type=int,
-        help=f"SGD steps per network (default {d.steps}; --quick: {QUICK['steps']})",
-    )
-    m.add_argument(
-        "--batch-size", type=int, help=f"examples per mini-batch (default {d.batch_size})"
-    )
-    m.add_argument("--lr", type=_floats, help=f"learning rate(s), comma-separated (default {d.lr})")
-    m.add_argument(
-        "--init-std",
-        type=_floats,
-        help=f"std(s) of the Gaussian initial weights (default {d.init_std})",
-    )
-    m.add_argument("--eps", type=_floats, help=f"BN epsilon(s) (default {d.eps})")
-    m.add_argument(
-        "--seeds",
-        type=_ints,
-        help=f"seed(s), e.g. 0,1,2; with 3 or more the report shows mean and spread (default {d.seed})",
-    )
-    m.add_argument(
-        "--eval-every",
-        type=int,
-        help=f"steps between test evaluations and checkpoints (default {d.eval_every}; --quick: {QUICK['eval_every']})",
-    )
-    m.add_argument(
-        "--population-batches",
-        type=int,
-        help=f"training batches of the Alg. 2 population pass at each evaluation (default {d.population_batches})",
-    )
-    m.add_argument(
-        "--momentum",
-        type=float,
-        help=f"momentum of BN's moving-average statistics (default {d.momentum})",
-    )
-    m.add_argument(
-        "--threads",
-        type=int,
-        help=f"intra-op threads while training (default {d.threads}: predictable on a shared machine)",
-    )
-    m.add_argument(
-        "--dataset", choices=["mnist", "fashion-mnist"], help=f"data set (default {d.dataset})"
-    )
-    m.add_argument(
-        "--out", help="output folder (default runs/mnist, or runs/mnist-quick with --quick)"
-    )
-    m.add_argument(
-        "--data-dir",
-        help="folder with the four IDX files (else $BATCHNORM_DATA, the cache, or a download)",
-    )
-    m.add_argument("--no-download", action="store_true", help="never download the data set")
-    m.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"a short run: {QUICK['steps']} steps, evaluated every {QUICK['eval_every']}",
-    )
-    m.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _bn_argument(m)
-    m.set_defaults(func=_reproduce_mnist)
+def _add_reproduce(sub, name: str) -> None:
+    from .experiments import study
+    from .experiments.config import flag_name
 
-    from .experiments.convnet import MAIN, NETWORKS, STUDY, ConvnetConfig
-    from .experiments.convnet import QUICK as CQ
-
-    c = ConvnetConfig()
-    cv = rsub.add_parser(
-        "convnet",
-        help="Figures 2-3: accelerating BN networks, a small Inception on Fashion-MNIST (51 "
-        "minutes for all 7 networks with --jobs 2 on 2 cores)",
-        description=(
-            "Reproduce Sec. 4.2 of the paper (Figures 2 and 3) at CPU scale: a small Inception "
-            "network on Fashion-MNIST trained as Baseline, BN-Baseline, BN-x5, BN-x30, "
-            "BN-x5-Sigmoid, and the controls Baseline-x5 and Baseline-Sigmoid; each network's "
-            "steps to reach the Baseline's best test accuracy (and, when named, our ablation "
-            "bn-x5-slow-decay: BN-x5 with the Baseline's learning-rate decay). One folder per network and seed "
-            "(config.json, env.json, metrics.jsonl/.csv, checkpoint, TensorBoard events) and "
-            "report.md with figure2.png/.svg in --out. Interrupted runs resume from their last "
-            "checkpoint when the same command is run again. Lists (--seeds 0,1,2, --base-lr "
-            "0.01,0.02) run every combination."
-        ),
-    )
-    cv.add_argument(
+    experiment = study.get(name)
+    p = sub.add_parser(name, help=experiment.summary, description=experiment.description)
+    groups = "".join(f", '{g}'" for g in experiment.network_groups)
+    p.add_argument(
         "--networks",
-        type=_networks,
-        default=list(STUDY),
-        help=f"comma-separated, from {', '.join(NETWORKS)}; 'all' (default: the paper's "
-        f"seven) or 'main' ({','.join(MAIN)})",
+        help=f"comma-separated, from {', '.join(experiment.networks)}{groups} (default: all)",
     )
-    cv.add_argument("--seeds", type=_ints, help=f"seed(s), e.g. 0,1,2 (default {c.seed})")
-    cv.add_argument(
-        "--base-lr",
-        type=_floats,
-        help=f"the Baseline's learning rate(s); every network's is a multiple of it (default "
-        f"{c.base.lr:g}; a list sweeps)",
+    p.add_argument(
+        "--seeds", type=_seeds, metavar="A,B,...", help="seed(s), e.g. 0,1,2 (default 0)"
     )
-    cv.add_argument(
+    opts = _add_config_options(p, experiment.config, dict(experiment.presets))
+    p.add_argument(
         "--jobs",
         type=int,
         default=1,
         help="runs trained at the same time, each in its own process (default 1; use the number "
         "of cores, with --threads 1)",
     )
-    cv.add_argument(
-        "--steps",
-        type=int,
-        help=f"SGD steps per network (default {c.steps:,}; --quick: {CQ['steps']})",
+    p.add_argument(
+        "--out", help=f"output folder (default runs/{name}, or runs/{name}-quick with --quick)"
     )
-    cv.add_argument(
-        "--eval-every",
-        type=int,
-        help=f"steps between evaluations after the first {4 * c.eval_every:,} (default "
-        f"{c.eval_every}; a quarter of it before; --quick: {CQ['eval_every']})",
-    )
-    cv.add_argument(
-        "--test-examples",
-        type=int,
-        help=f"evaluate on the first N test images (default: all; --quick: {CQ['test_examples']})",
-    )
-    cv.add_argument(
-        "--width", type=float, help=f"channel multiplier of the network (default {c.width:g})"
-    )
-    cv.add_argument(
-        "--threads",
-        type=int,
-        help=f"intra-op threads per run (default {c.threads}: predictable on a shared machine)",
-    )
-    cv.add_argument(
-        "--dataset",
-        choices=["fashion-mnist", "mnist", "cifar10"],
-        help=f"data set (default {c.dataset})",
-    )
-    cv.add_argument(
-        "--out", help="output folder (default runs/convnet, or runs/convnet-quick with --quick)"
-    )
-    cv.add_argument(
+    p.add_argument(
         "--data-dir",
         help="folder with the data set's files (else $BATCHNORM_DATA, the cache, or a download)",
     )
-    cv.add_argument("--no-download", action="store_true", help="never download the data set")
-    cv.add_argument(
+    p.add_argument("--no-download", action="store_true", help="never download the data set")
+    quick = experiment.presets.get("quick", {})
+    p.add_argument(
         "--quick",
         action="store_true",
-        help=f"a short study for CI and a first look: {CQ['steps']} steps per network, "
-        f"evaluated on {CQ['test_examples']} test images",
+        help="a short run for a first look and CI: "
+        + ", ".join(f"{flag_name('_'.join(k))} {_show(v)}" for k, v in quick.items()),
     )
-    cv.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _bn_argument(cv)
-    cv.set_defaults(func=_reproduce_convnet)
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar: one line per evaluation instead",
+    )
+    _bn_argument(p)
+    p.set_defaults(func=_reproduce, opts=opts, experiment=name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .experiments import demo, study
+
+    parser = argparse.ArgumentParser(
+        prog="batchnorm",
+        description="Batch Normalization (Ioffe & Szegedy, 2015): layers, kernels and the paper's experiments.",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="train a small BN network on synthetic data (about 10 seconds)")
+    p.set_defaults(func=_demo, opts=_add_config_options(p, demo.DemoConfig, {}))
+
+    rep = sub.add_parser("reproduce", help="reproduce one of the paper's experiments")
+    rsub = rep.add_subparsers(dest="experiment", required=True)
+    for name in study.EXPERIMENTS:
+        _add_reproduce(rsub, name)
 
     r = sub.add_parser(
         "report",
-        help="regenerate plots and report.md of a run, sweep or study folder from its files",
+        help="regenerate the plots and report.md of a run or study folder from its files",
     )
     r.add_argument("folder", help="a run folder, or the --out folder of `batchnorm reproduce`")
     r.set_defaults(func=_report)
+
+    b = sub.add_parser(
+        "build-kernels",
+        help="compile the fused CPU kernels now (about a minute, once; later runs start at once)",
+    )
+    b.set_defaults(func=_build_kernels_command)
     return parser
+
+
+def _version() -> str:
+    import torch
+
+    return f"batchnorm {__version__} (torch {torch.__version__})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,9 @@
-"""A one-minute tour: train a small BN network on synthetic data and look at its statistics.
+"""A short tour: train a small BN network on synthetic data and look at its statistics.
 
-Stands in for the main job until the MNIST reproduction lands. The data are Gaussian blobs whose
-features have wildly different offsets and scales (so that normalization matters), the network is
-Linear → BN → ReLU twice (biases dropped before BN, Sec. 3.2), trained with plain SGD.
+The data are Gaussian blobs whose features have wildly different offsets and scales (so that
+normalization matters), the network is Linear → BN → ReLU twice (biases dropped before BN,
+Sec. 3.2), trained with plain SGD; then the moving averages are set beside the paper's population
+statistics (Alg. 2).
 """
 
 from __future__ import annotations
@@ -18,18 +19,24 @@ from torch import nn
 from ..functional import kernels
 from ..nn import BatchNorm1d
 from ..tools import bn_layers
+from .config import Config, at_least, param, positive, positive_int
 
 
 @dataclass(frozen=True)
-class DemoConfig:
-    steps: int = 400  # SGD steps
-    batch_size: int = 64
-    lr: float = 0.1
-    features: int = 20
-    classes: int = 4
-    hidden: int = 64
-    seed: int = 0
-    population_batches: int = 50  # batches of the explicit population pass (Alg. 2 lines 8-10)
+class DemoConfig(Config):
+    steps: int = param(400, "SGD steps", check=positive_int)
+    batch_size: int = param(64, "examples per mini-batch", check=at_least(2, " (BN needs m > 1)"))
+    lr: float = param(0.1, "SGD learning rate", check=positive)
+    features: int = param(20, "input features", check=positive_int, cli=False)
+    classes: int = param(4, "classes", check=at_least(2), cli=False)
+    hidden: int = param(64, "hidden units", check=positive_int, cli=False)
+    seed: int = param(0, "random seed", check=at_least(0))
+    population_batches: int = param(
+        50, "batches of the explicit population pass (Alg. 2 lines 8-10)", check=positive_int
+    )
+    # As `batchnorm reproduce`: at this size one thread is as fast and does not slow down, or get
+    # slowed down by, whatever else the machine runs (benchmarks/README.md).
+    threads: int = param(1, "intra-op threads", check=positive_int)
 
 
 def _data(cfg: DemoConfig, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +50,18 @@ def _data(cfg: DemoConfig, n: int, gen: torch.Generator) -> tuple[torch.Tensor, 
     return x, y
 
 
-def run(cfg: DemoConfig = DemoConfig(), echo: Callable[[str], None] = print) -> dict[str, float]:
+def run(cfg: DemoConfig | None = None, echo: Callable[[str], None] = print) -> dict[str, float]:
+    """Train, report on the way, and return the final loss, accuracies and training time."""
+    cfg = cfg or DemoConfig()
+    old = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, echo)
+    finally:
+        torch.set_num_threads(old)
+
+
+def _run(cfg: DemoConfig, echo: Callable[[str], None]) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     model = nn.Sequential(
@@ -69,7 +87,7 @@ def run(cfg: DemoConfig = DemoConfig(), echo: Callable[[str], None] = print) -> 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step == 1 or step % (cfg.steps // 8) == 0:
+        if step == 1 or step % max(1, cfg.steps // 8) == 0:
             echo(f"  step {step:4d}  loss {loss.item():.4f}")
     train_s = time.perf_counter() - start
 

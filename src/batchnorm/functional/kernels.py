@@ -51,9 +51,11 @@ except ImportError:  # not POSIX: the kernels' build (g++/clang) is not supporte
 __all__ = [
     "KernelsUnavailableWarning",
     "available",
+    "build_dir",
     "load",
     "loaded",
     "module",
+    "needs_build",
     "set_stream_bytes",
     "status",
 ]
@@ -101,12 +103,12 @@ def _key() -> str:
 
 
 @contextlib.contextmanager
-def _build_lock(build_dir: Path) -> Iterator[None]:
-    """An exclusive lock on ``build_dir`` for one build, released by the OS if the process dies."""
+def _build_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder`` for one build, released by the OS if the process dies."""
     if fcntl is None:
         yield
         return
-    with open(build_dir / "build.lock", "a") as f:
+    with open(folder / "build.lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -116,10 +118,10 @@ def _build_lock(build_dir: Path) -> Iterator[None]:
 
 def _build_and_load() -> ModuleType:
     key = _key()
-    build_dir = cache_root() / "kernels" / key
+    where = build_dir()
     name = f"batchnorm_cpu_{key}"
-    library = build_dir / f"{name}.so"
-    done = build_dir / "BUILT"
+    library = where / f"{name}.so"
+    done = where / "BUILT"
     if done.exists() and library.exists():
         spec = importlib.util.spec_from_file_location(name, library)
         module = importlib.util.module_from_spec(spec)
@@ -127,18 +129,18 @@ def _build_and_load() -> ModuleType:
     else:
         from torch.utils import cpp_extension
 
-        build_dir.mkdir(parents=True, exist_ok=True)
-        with _build_lock(build_dir):  # processes starting together build once
+        where.mkdir(parents=True, exist_ok=True)
+        with _build_lock(where):  # processes starting together build once
             # cpp_extension's own lock is a file that a killed build leaves behind, after which
             # every later build waits on it forever. Holding our lock (which the OS releases when
             # its process dies), any such file is stale.
-            (build_dir / "lock").unlink(missing_ok=True)
+            (where / "lock").unlink(missing_ok=True)
             module = cpp_extension.load(
                 name=name,
                 sources=[str(_SOURCE)],
                 extra_cflags=_flags(),
                 extra_ldflags=["-fopenmp"],
-                build_directory=str(build_dir),
+                build_directory=str(where),
                 verbose=os.environ.get("BATCHNORM_VERBOSE_BUILD") == "1",
             )
             done.write_text(f"{name}.so\n")
@@ -235,6 +237,20 @@ def _register_fake_kernels() -> None:
         return like_x(x)
 
 
+def build_dir() -> Path:
+    """Where the kernels for this source, compiler flags, torch and CPU are (or will be) cached."""
+    return cache_root() / "kernels" / _key()
+
+
+def needs_build() -> bool:
+    """Whether the next :func:`load` will compile the kernels (about a minute), not just load
+    them: they are not loaded, not disabled, and not yet built into :func:`build_dir`."""
+    if _state["loaded"] is not None:
+        return False
+    mode = os.environ.get("BATCHNORM_KERNELS", "").strip().lower() or "auto"
+    return mode != "off" and not (build_dir() / "BUILT").exists()
+
+
 def loaded() -> bool:
     """True once the kernels are loaded (never builds; cheap enough for every call)."""
     return _state["loaded"] is True
@@ -255,7 +271,7 @@ def available() -> bool:
 def status() -> str:
     """One line on the kernels: where they live, or why they are not used."""
     if load():
-        return f"fused CPU kernels loaded from {cache_root() / 'kernels' / _key()}"
+        return f"fused CPU kernels loaded from {build_dir()}"
     return f"fused CPU kernels unavailable: {_state['reason']}"
 
 

@@ -1,59 +1,27 @@
-"""What every report shares: reading a run folder, saving figures, formatting numbers over seeds.
-
-A run folder is what :mod:`batchnorm.experiments.runs` writes: ``config.json``, ``env.json`` and
-``metrics.jsonl``. Reports are drawn from those files alone.
-"""
+"""What every report shares: figures, templates, numbers over seeds (the run files themselves are
+read by :mod:`batchnorm.runfiles`)."""
 
 from __future__ import annotations
 
 import io
-import json
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
+from string import Template
 
 from .._atomic import write_bytes
 
-__all__ = ["RunFiles", "figure", "fmt_mean", "fmt_short", "read_run", "save_figure"]
+__all__ = ["ReportError", "figure", "fmt_mean", "fmt_short", "save_figure", "template"]
 
 
-@dataclass(frozen=True)
-class RunFiles:
-    """The files of one run folder, parsed."""
-
-    path: Path
-    config: dict
-    versions: dict
-    env: dict
-    records: list[dict]
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    def series(self, key: str) -> tuple[list[int], list[float]]:
-        """(steps, values) of every record where ``key`` has a value."""
-        pts = [(r["step"], r[key]) for r in self.records if r.get(key) is not None]
-        return [p[0] for p in pts], [p[1] for p in pts]
+class ReportError(ValueError):
+    """A folder cannot be reported; the message says why."""
 
 
-def read_run(path: str | Path) -> RunFiles:
-    """Read a run folder; raises ``FileNotFoundError``/``ValueError`` naming what is missing."""
-    path = Path(path)
-    for name in ("config.json", "metrics.jsonl"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path} is not a run folder: {name} is missing")
-    cfg = json.loads((path / "config.json").read_text())
-    records = [
-        json.loads(line)
-        for line in (path / "metrics.jsonl").read_text().splitlines()
-        if line.strip()
-    ]
-    if not records:
-        raise ValueError(f"{path}/metrics.jsonl holds no measurements yet")
-    env = json.loads((path / "env.json").read_text()) if (path / "env.json").is_file() else {}
-    return RunFiles(path, cfg["config"], cfg.get("versions", {}), env, records)
+def template(name: str) -> Template:
+    """The report template ``templates/<name>`` (``$name`` placeholders, ``string.Template``)."""
+    return Template(resources.files(__package__).joinpath("templates", name).read_text())
 
 
 # -- figures --------------------------------------------------------------------------------------

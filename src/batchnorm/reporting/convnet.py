@@ -16,47 +16,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import runfiles
 from .._atomic import write_text
-from .common import RunFiles, figure, read_run, save_figure
+from .common import figure, save_figure, template
+from .paper import FIGURE3 as PAPER
+from .paper import FIGURE3_FACTOR as PAPER_FACTOR
+from .paper import FIGURE3_LABELS
+from .paper import FIGURE3_NETWORKS as PAPER_NETWORKS
 
-__all__ = ["PAPER", "ConvRun", "Study", "load_study", "plot_figure2", "write_report"]
+__all__ = ["ConvRun", "Study", "load_study", "plot_figure2", "write_report"]
 
-# Figure 3 of the paper (ImageNet, single crop): steps to reach Inception's best (72.2%), and each
-# network's best; Sec. 4.2.2 for the two failures.
-PAPER = {
-    "baseline": {"steps": 31.0e6, "best": 0.722},
-    "bn-baseline": {"steps": 13.3e6, "best": 0.727},
-    "bn-x5": {"steps": 2.1e6, "best": 0.730},
-    "bn-x30": {"steps": 2.7e6, "best": 0.748},
-    "bn-x5-sigmoid": {"steps": None, "best": 0.698},
-    "baseline-x5": {"outcome": "diverged (parameters reached machine infinity)"},
-    "baseline-sigmoid": {"outcome": "stayed at chance (1/1000)"},
-    "bn-x5-slow-decay": {"outcome": "not in the paper (our ablation)"},
-}
-PAPER_FACTOR = {
-    n: PAPER["baseline"]["steps"] / PAPER[n]["steps"] for n in ("bn-baseline", "bn-x5", "bn-x30")
-}
-# The paper's networks (its claims are about these); our ablations come after them.
-PAPER_NETWORKS = (
-    "baseline",
-    "bn-baseline",
-    "bn-x5",
-    "bn-x30",
-    "bn-x5-sigmoid",
-    "baseline-x5",
-    "baseline-sigmoid",
-)
-ORDER = (*PAPER_NETWORKS, "bn-x5-slow-decay")
-LABELS = {
-    "baseline": "Baseline",
-    "bn-baseline": "BN-Baseline",
-    "bn-x5": "BN-x5",
-    "bn-x30": "BN-x30",
-    "bn-x5-sigmoid": "BN-x5-Sigmoid",
-    "baseline-x5": "Baseline-x5",
-    "baseline-sigmoid": "Baseline-Sigmoid",
-    "bn-x5-slow-decay": "BN-x5, Baseline's decay",
-}
 STYLE = {
     "baseline": dict(color="k", ls="--", lw=1.6),
     "bn-baseline": dict(color="C0", lw=1.4),
@@ -67,6 +36,7 @@ STYLE = {
     "baseline-sigmoid": dict(color="0.5", ls="-.", lw=1.2),
     "bn-x5-slow-decay": dict(color="C1", ls="--", lw=1.4),
 }
+_OTHER_STYLE = dict(color="C5", lw=1.2)
 # All three data sets have 10 classes. A network "stays at chance" if its best test accuracy is
 # within 5 points of 1/10 (the paper's sigmoid baseline: "never rose above 1/1000").
 CHANCE = 0.1
@@ -78,12 +48,16 @@ FACTOR_TOLERANCE = 1.5
 
 
 @dataclass(frozen=True)
-class ConvRun(RunFiles):
+class ConvRun(runfiles.RunFiles):
     """One run (one network, one seed) and the numbers the report needs from it."""
 
     @property
-    def network(self) -> str:
-        return self.config["network"]
+    def net(self) -> str:
+        return self.network["name"]
+
+    @property
+    def label(self) -> str:
+        return self.network["label"]
 
     @property
     def seed(self) -> int:
@@ -174,11 +148,21 @@ class Study:
         return base[0].config
 
     def of(self, network: str) -> list[ConvRun]:
-        return sorted((r for r in self.runs if r.network == network), key=lambda r: r.seed)
+        return sorted((r for r in self.runs if r.net == network), key=lambda r: r.seed)
 
     @property
     def networks(self) -> list[str]:
-        return [n for n in ORDER if self.of(n)]
+        """The networks of the main setting: the paper's first, in its order, then the others."""
+        names = {r.net for r in self.runs}
+        return [n for n in PAPER_NETWORKS if n in names] + sorted(names - set(PAPER_NETWORKS))
+
+    def label(self, network: str) -> str:
+        """The network's name in reports, as its runs' config.json gives it."""
+        found = (r.label for r in self.runs + self.sweep if r.net == network)
+        return next(found, FIGURE3_LABELS.get(network, network))
+
+    def style(self, network: str) -> dict:
+        return STYLE.get(network, _OTHER_STYLE)
 
     def target(self, seed: int) -> tuple[float, int] | None:
         """The Baseline's best accuracy for ``seed`` and the step it first had it."""
@@ -186,16 +170,12 @@ class Study:
         return base[0].best if base else None
 
 
-def load_study(folder: str | Path) -> Study:
-    """Every run folder directly inside ``folder``, sorted into main setting, sweep and others."""
+def load_study(folder: str | Path, runs: Sequence[runfiles.RunFiles] | None = None) -> Study:
+    """Every convnet run directly inside ``folder`` (or ``runs``), sorted into main setting, sweep
+    and others."""
     folder = Path(folder)
-    paths = (
-        sorted(p for p in folder.iterdir() if (p / "config.json").is_file())
-        if folder.is_dir()
-        else []
-    )
-    found = [ConvRun(**vars(read_run(p))) for p in paths]
-    found = [r for r in found if "network" in r.config]
+    runs = runfiles.find_runs(folder) if runs is None else runs
+    found = [ConvRun(**vars(r)) for r in runs if r.experiment == "convnet"]
     if not found:
         raise FileNotFoundError(
             f"{folder} holds no convnet run: expected folders with config.json and metrics.jsonl "
@@ -207,8 +187,8 @@ def load_study(folder: str | Path) -> Study:
 
     def rank(runs: list[ConvRun]) -> tuple:
         return (
-            any(r.network == "baseline" for r in runs),
-            len({r.network for r in runs}),
+            any(r.net == "baseline" for r in runs),
+            len({r.net for r in runs}),
             len(runs),
         )
 
@@ -217,7 +197,7 @@ def load_study(folder: str | Path) -> Study:
     sweep = [
         r
         for r in found
-        if r not in main and r.network == "baseline" and _setting(r.config, with_lr=False) == key
+        if r not in main and r.net == "baseline" and _setting(r.config, with_lr=False) == key
     ]
     others = [r for r in found if r not in main and r not in sweep]
     return Study(folder, main, sweep, others)
@@ -377,7 +357,7 @@ def verdicts(study: Study) -> list[tuple[str, str, str]]:
         measured, verdict = _speedup_verdict(s.get(net), PAPER_FACTOR[net])
         out.append(
             (
-                f"{LABELS[net]} reaches the Baseline's best accuracy in {PAPER_FACTOR[net]:.1f}× "
+                f"{study.label(net)} reaches the Baseline's best accuracy in {PAPER_FACTOR[net]:.1f}× "
                 "fewer steps",
                 measured,
                 verdict,
@@ -392,7 +372,7 @@ def verdicts(study: Study) -> list[tuple[str, str, str]]:
                 "BN-Baseline, BN-x5 and BN-x30 all end above the Baseline's best (72.7, 73.0, 74.8 "
                 "vs 72.2%)",
                 ", ".join(
-                    f"{LABELS[n]} {100 * _mean(s[n].best):.2f}%"
+                    f"{study.label(n)} {100 * _mean(s[n].best):.2f}%"
                     for n in ("bn-baseline", "bn-x5", "bn-x30")
                 )
                 + f" vs Baseline {100 * base:.2f}% (mean best)",
@@ -414,7 +394,7 @@ def verdicts(study: Study) -> list[tuple[str, str, str]]:
             (
                 "BN-x30 ends with the highest accuracy of all (74.8%)",
                 f"BN-x30 {100 * x30:.2f}%; the highest of the others "
-                f"{100 * top:.2f}% ({LABELS[max(best, key=best.get)]})",
+                f"{100 * top:.2f}% ({study.label(max(best, key=best.get))})",
                 verdict,
             )
         )
@@ -533,29 +513,34 @@ def plot_figure2(study: Study, stem: Path | None = None) -> list[Path]:
     for net in study.networks:
         runs = study.of(net)
         steps, mean, lo, hi = _curves(runs)
-        label = f"{LABELS[net]} (n={len(runs)})" if len(runs) > 1 else LABELS[net]
+        label = f"{study.label(net)} (n={len(runs)})" if len(runs) > 1 else study.label(net)
         for ax in (ax_a, ax_b):
-            ax.plot(steps, mean, label=label, **STYLE[net])
+            ax.plot(steps, mean, label=label, **study.style(net))
             if len(runs) > 1:
-                ax.fill_between(steps, lo, hi, color=STYLE[net]["color"], alpha=0.15, lw=0)
+                ax.fill_between(steps, lo, hi, color=study.style(net)["color"], alpha=0.15, lw=0)
         tops.append(max(mean))
         for r in runs:
             if r.diverged:
                 ax_a.plot(
-                    [r.diverged[0]], [CHANCE], marker="x", ms=9, mew=2, color=STYLE[net]["color"]
+                    [r.diverged[0]],
+                    [CHANCE],
+                    marker="x",
+                    ms=9,
+                    mew=2,
+                    color=study.style(net)["color"],
                 )
                 ax_a.annotate(
-                    f"{LABELS[net]} diverged",
+                    f"{study.label(net)} diverged",
                     (r.diverged[0], CHANCE),
                     textcoords="offset points",
                     xytext=(6, 8),
                     fontsize=8,
-                    color=STYLE[net]["color"],
+                    color=study.style(net)["color"],
                 )
         s = summarize(study, net)
         reached = [v for v in s.to_target if v is not None]
         if target is not None and reached and net != "baseline":
-            ax_b.plot([_mean(reached)], [target], "o", color=STYLE[net]["color"], ms=6)
+            ax_b.plot([_mean(reached)], [target], "o", color=study.style(net)["color"], ms=6)
     ax_a.set_ylim(0, 1)
     ax_a.set_xlim(0, cfg["steps"])
     ax_a.set_title("(a) test accuracy vs training steps", fontsize=10)
@@ -600,7 +585,7 @@ def _figure3_table(study: Study) -> str:
     ]
     for net in study.networks:
         s = summarize(study, net)
-        p = PAPER[net]
+        p = PAPER.get(net, {"outcome": "not in the paper (our ablation)"})
         if "outcome" in p:
             paper_steps, paper_best = "—", p["outcome"]
         else:
@@ -623,7 +608,7 @@ def _figure3_table(study: Study) -> str:
             best += f" — {'; '.join(notes)}"
         near = f"{_fmt_steps(s.to_near)}, {_fmt_factor(s.near_factor)}"
         rows.append(
-            f"| {LABELS[net]} | {paper_steps} | {paper_best} | {_fmt_steps(s.to_target)} | {factor} | "
+            f"| {study.label(net)} | {paper_steps} | {paper_best} | {_fmt_steps(s.to_target)} | {factor} | "
             f"{near} | {best} | {_fmt_acc(s.final)} | {', '.join(map(str, s.seeds))} |"
         )
     return "\n".join(rows)
@@ -633,7 +618,7 @@ def _per_seed_table(study: Study) -> str:
     seeds = sorted({r.seed for r in study.of("baseline")})
     nets = [n for n in study.networks if n != "baseline"]
     rows = [
-        "| seed | Baseline's best (step) | " + " | ".join(LABELS[n] for n in nets) + " |",
+        "| seed | Baseline's best (step) | " + " | ".join(study.label(n) for n in nets) + " |",
         "|---|---|" + "---|" * len(nets),
     ]
     for seed in seeds:
@@ -659,7 +644,7 @@ def _lower_targets_table(study: Study) -> str:
     measure hides when a network levels off just short of it."""
     nets = [n for n in study.networks if n != "baseline"]
     rows = [
-        "| target (per seed) | Baseline | " + " | ".join(LABELS[n] for n in nets) + " |",
+        "| target (per seed) | Baseline | " + " | ".join(study.label(n) for n in nets) + " |",
         "|---|---|" + "---|" * len(nets),
     ]
     for gap in LOWER_TARGETS:
@@ -690,14 +675,14 @@ def _ablation_text(study: Study) -> str:
 ## Ablation: BN-x5 without the faster decay
 
 Not in the paper. BN-x5-like networks level off early at this budget; the recipe change that can
-do that is the 6× faster decay of the learning rate. "{LABELS["bn-x5-slow-decay"]}" makes every
+do that is the 6× faster decay of the learning rate. "{study.label("bn-x5-slow-decay")}" makes every
 other change of Sec. 4.2.1 (LR ×5, no Dropout, L2 ÷5, no LRN, thorough shuffling, lighter
 distortions) and keeps the Baseline's decay:
 
 | network | steps to the Baseline's best | fewer steps than the Baseline | best test accuracy | final | seeds |
 |---|---|---|---|---|---|
 | BN-x5 | {_fmt_steps(fast.to_target)} | {_fmt_factor(fast.factor)} | {_fmt_acc(fast.best)} | {_fmt_acc(fast.final)} | {", ".join(map(str, fast.seeds))} |
-| {LABELS["bn-x5-slow-decay"]} | {_fmt_steps(slow.to_target)} | {_fmt_factor(slow.factor)} | {_fmt_acc(slow.best)} | {_fmt_acc(slow.final)} | {", ".join(map(str, slow.seeds))} |
+| {study.label("bn-x5-slow-decay")} | {_fmt_steps(slow.to_target)} | {_fmt_factor(slow.factor)} | {_fmt_acc(slow.best)} | {_fmt_acc(slow.final)} | {", ".join(map(str, slow.seeds))} |
 """
 
 
@@ -711,9 +696,14 @@ def _sweep_table(study: Study) -> str:
     base = study.of("baseline")
     runs = sorted(base + study.sweep, key=lambda r: (r.config["base"]["lr"], r.seed))
     if len({r.config["base"]["lr"] for r in runs}) < 2:
+        # the same preset and budget as the runs here, so the Baseline already run is resumed
+        # (as complete), not clashed with
+        quick = " --quick" if study.runs[0].preset == "quick" else ""
+        cfg = study.config
+        steps = "" if quick and cfg["steps"] == 600 else f" --steps {cfg['steps']}"
         return (
             "Not in this folder. Run it with `batchnorm reproduce convnet --networks baseline "
-            "--base-lr 0.005,0.01,0.02,0.05,0.1 --out <this folder>`."
+            f"--base-lr 0.005,0.01,0.02,0.05,0.1{quick}{steps} --out {study.folder}`."
         )
     groups: dict[float, list[ConvRun]] = {}
     for r in runs:
@@ -752,14 +742,12 @@ def _recipe_table(study: Study) -> str:
         "| network | BN | nonlinearity | " + " | ".join(f"`{k}`" for k in keys) + " |",
         "|---|---|---|" + "---|" * len(keys),
     ]
-    from ..experiments.convnet import NETWORKS
-
     for net in study.networks:
-        r = study.of(net)[0].config["recipe"]
-        n = NETWORKS[net]
+        run = study.of(net)[0]
+        r, n = run.config["recipe"], run.network
         cells = [f"{r[k]:g}" if isinstance(r[k], float) else str(r[k]) for k in keys]
         rows.append(
-            f"| {LABELS[net]} | {'yes' if n.bn else 'no'} | {n.activation} | "
+            f"| {study.label(net)} | {'yes' if n['bn'] else 'no'} | {n['activation']} | "
             + " | ".join(cells)
             + " |"
         )
@@ -784,7 +772,7 @@ def _population_text(study: Study) -> str:
             if e is not None
         ]
         rows.append(
-            f"| {LABELS[net]} | {100 * min(s.population_gap):+.2f} to {100 * max(s.population_gap):+.2f} "
+            f"| {study.label(net)} | {100 * min(s.population_gap):+.2f} to {100 * max(s.population_gap):+.2f} "
             f"points (mean {100 * _mean(s.population_gap):+.2f}, {len(s.population_gap)} evaluations) | "
             f"{'; '.join(ends)} |"
         )
@@ -799,7 +787,7 @@ def _timing_text(study: Study) -> str:
     for net in study.networks:
         runs = study.of(net)
         rows.append(
-            f"| {LABELS[net]} | {_mean([1e3 * r.train_s / max(r.last_step, 1) for r in runs]):.1f} | "
+            f"| {study.label(net)} | {_mean([1e3 * r.train_s / max(r.last_step, 1) for r in runs]):.1f} | "
             f"{_mean([r.train_s for r in runs]):,.0f} | {_mean([r.eval_s for r in runs]):,.0f} |"
         )
     spans = sorted(
@@ -830,28 +818,6 @@ def _timing_text(study: Study) -> str:
     )
 
 
-_SCALE = """\
-What is the same as in the paper: the structure of the study (the same seven networks, the same
-recipe changes, the same measure: steps to reach the Baseline's best accuracy), an Inception-style
-network (Inception modules with 1×1, 3×3, double-3×3 and pooling branches, global average pooling,
-a single fully connected classifier), SGD with momentum on mini-batches of 32, BN per feature map
-before every nonlinearity. What is not: the data ({dataset}: small images, 10 classes, not
-ImageNet's 1.2M color images and 1,000 classes), the size ({parameters} parameters, not 13.6M), the
-budget (thousands of steps on one CPU core, not millions on a cluster of asynchronous workers), and
-every hyper-parameter the paper does not give (chosen and listed below). Absolute accuracies are
-therefore not comparable with the paper's; the step-reduction factors and the qualitative claims
-are what this study can confirm or not."""
-
-_MECHANISM = """\
-These runs measure *that* BN networks with the Sec. 4.2.1 recipe reach a given accuracy in fewer
-steps, not *why*. The paper attributes it to reduced internal covariate shift; Santurkar et al.
-(2018) trained BN networks with noise that *adds* distribution shift after every BN layer and saw
-the same speed-up, and credit a smoother loss landscape (better-behaved gradients) instead. Note
-also that BN-x5 changes seven things at once (as in the paper): the speed-up belongs to BN together
-with the recipe, and this study does not separate their shares — BN-Baseline (BN alone) is the
-closest to that."""
-
-
 def _parameters(study: Study) -> str:
     counts = {r.records[0].get("parameters") for r in study.runs} - {None}
     if not counts:
@@ -876,21 +842,28 @@ def _se_text(study: Study) -> str:
     )
 
 
-def write_report(folder: str | Path) -> Path:
+def _photometric_factor(study: Study) -> str:
+    """How much the accelerated networks' photometric distortion is of the Baseline's, from the
+    recipes recorded in the runs (the paper says only "reduce")."""
+    base = study.of("baseline")
+    fast = study.of("bn-x5")
+    if not base or not fast or not base[0].config["recipe"]["photometric"]:
+        return "reduced"
+    ratio = fast[0].config["recipe"]["photometric"] / base[0].config["recipe"]["photometric"]
+    return f"×{ratio:g}"
+
+
+def write_report(folder: str | Path, runs: Sequence[runfiles.RunFiles] | None = None) -> Path:
     """``report.md`` and ``figure2.png/svg`` in the study folder; returns the report's path."""
-    study = load_study(folder)
+    study = load_study(folder, runs)
     plot_figure2(study)
     cfg = study.config
-    from ..experiments.convnet import PHOTOMETRIC_FACTOR, ConvnetConfig
-
-    quick = cfg["steps"] < ConvnetConfig().steps
     incomplete = [r.name for r in study.runs if not r.complete]
     notes = []
-    if quick:
+    if any(r.preset == "quick" for r in study.runs):
         notes.append(
-            f"**A short run** ({cfg['steps']:,} steps, fewer than the study's "
-            f"{ConvnetConfig().steps:,}): a smoke test of the machinery and of the direction of "
-            "the effects, not the study."
+            f"**A short run** (the quick preset: {cfg['steps']:,} steps): a smoke test of the "
+            "machinery and of the direction of the effects, not the study."
         )
     if incomplete:
         notes.append(
@@ -912,91 +885,42 @@ def write_report(folder: str | Path) -> Path:
             f'The Baseline\'s best test accuracy, the target of the "steps to" column: '
             f"**{_fmt_acc(acc)}**, first reached at step {_fmt_steps([r.best[1] for r in base])}."
         )
-    text = f"""# Figures 2 and 3 (accelerating BN networks), rerun at CPU scale
-
-Ioffe & Szegedy 2015 (arXiv:1502.03167), Sec. 4.2. Regenerate this report from the runs' files:
-`batchnorm report {study.folder}`.
-
-{"".join("- " + n + chr(10) for n in notes) + (chr(10) if notes else "")}![Figure 2](figure2.png)
-
-## Figure 3: steps to reach the Baseline's best accuracy
-
-{target_text}
-Each network is compared with the Baseline of the same seed; with several seeds, steps and
-factors are the mean (min–max), accuracies mean ± std (min–max). Steps are those of the
-evaluations: every {max(1, cfg["eval_every"] // 4):,} steps up to {4 * cfg["eval_every"]:,}, then every {cfg["eval_every"]:,}.
-A best accuracy measured on {_test_examples(study):,} test images carries a sampling error: one
-binomial standard error, √(p(1−p)/n), is {_se_text(study)} here, so the "within 1 s.e." column
-also counts a network that comes statistically as close as the Baseline itself (and gives the
-Baseline's own steps to that lower target as its reference).
-The paper's numbers are ImageNet's (single-crop validation accuracy of Inception).
-
-{_figure3_table(study)}
-
-Per seed: steps to the Baseline's best (and how many times fewer than the Baseline needed).
-
-{_per_seed_table(study) if base else "(no Baseline run)"}
-
-How soon each network gets close to the Baseline's best: steps to it less 1, 2 and 4 points (mean
-over seeds) and, in brackets, how many times fewer than the Baseline's steps to the same accuracy.
-Not the paper's measure, but it shows the early speed-up of a network that levels off just short:
-
-{_lower_targets_table(study) if base else "(no Baseline run)"}
-
-## The paper's claims
-
-{_verdict_table(study)}
-
-A factor counts as reproduced when it is at least 1/{FACTOR_TOLERANCE:g} of the paper's in the
-mean over seeds (the evaluation grid resolves a step count to about 25%) and the network is faster
-than the Baseline in every seed; as partly when the network is faster in every seed, strictly or
-within one standard error, but by less (the verdict then gives the size of the shortfall); as not
-reproduced when some seed never gets within one standard error of the Baseline's best. "At
-chance": best accuracy within {100 * CHANCE_MARGIN:.0f} points of {100 * CHANCE:.0f}%.
-{_ablation_text(study)}
-## What this does and does not show
-
-{_SCALE.format(dataset=cfg["dataset"], parameters=_parameters(study))}
-
-{_MECHANISM}
-
-## The Baseline's learning rate
-
-The paper's Inception used lr 0.0015 and BN-x5 5× that. Here the Baseline's learning rate was
-chosen by a sweep at the study's budget (best test accuracy; every network's learning rate is a
-multiple of it):
-
-{_sweep_table(study)}
-
-## Inference statistics: moving averages and Alg. 2
-
-The curves and the table use each BN network's moving averages (momentum {cfg["bn_momentum"]}), as
-the paper does to track accuracy during training (Sec. 3.1). Every {cfg["population_every"]:,} steps (at the first
-evaluation from each multiple on) and at the end the same weights were also evaluated with the population statistics of Alg. 2
-(`batchnorm.tools.recalibrate(..., "paper")` over {cfg["population_batches"]} un-augmented training
-batches of {cfg["batch_size"]}):
-
-{_population_text(study)}
-
-## Recipes
-
-The Baseline's recipe and how each network's derives from it
-(`batchnorm.experiments.convnet.accelerate` makes the seven Sec. 4.2.1 changes; the amount of the
-photometric reduction, ×{PHOTOMETRIC_FACTOR:g}, is ours: the paper gives none). `lr_half_life`: steps over which
-the learning rate halves; `shuffle`: "batches" keeps each mini-batch's examples together every
-epoch, "examples" reshuffles them. Steps {cfg["steps"]:,}, batch {cfg["batch_size"]},
-data {cfg["dataset"]}, network width ×{cfg["width"]:g}, BN ε {cfg["eps"]:g}.
-
-{_recipe_table(study)}
-
-## Time
-
-{_timing_text(study)}
-
-## Runs
-
-{runs_list}
-"""
+    text = template("convnet.md").substitute(
+        folder=study.folder,
+        notes="".join("- " + n + "\n" for n in notes) + ("\n" if notes else ""),
+        target=target_text,
+        early=f"{max(1, cfg['eval_every'] // 4):,}",
+        early_until=f"{4 * cfg['eval_every']:,}",
+        eval_every=f"{cfg['eval_every']:,}",
+        test_examples=f"{_test_examples(study):,}",
+        se=_se_text(study),
+        figure3=_figure3_table(study),
+        per_seed=_per_seed_table(study) if base else "(no Baseline run)",
+        lower=_lower_targets_table(study) if base else "(no Baseline run)",
+        verdicts=_verdict_table(study),
+        tolerance=f"{FACTOR_TOLERANCE:g}",
+        chance_margin=f"{100 * CHANCE_MARGIN:.0f}",
+        chance=f"{100 * CHANCE:.0f}",
+        ablation=_ablation_text(study),
+        scale=template("convnet_scale.md")
+        .substitute(dataset=cfg["dataset"], parameters=_parameters(study))
+        .strip(),
+        mechanism=template("convnet_mechanism.md").template.strip(),
+        sweep=_sweep_table(study),
+        bn_momentum=cfg["bn_momentum"],
+        population_every=f"{cfg['population_every']:,}",
+        population_batches=cfg["population_batches"],
+        batch_size=cfg["batch_size"],
+        population=_population_text(study),
+        photometric=_photometric_factor(study),
+        steps=f"{cfg['steps']:,}",
+        dataset=cfg["dataset"],
+        width=f"{cfg['width']:g}",
+        eps=f"{cfg['eps']:g}",
+        recipes=_recipe_table(study),
+        timing=_timing_text(study),
+        runs=runs_list,
+    )
     path = study.folder / "report.md"
     write_text(path, text)
     return path

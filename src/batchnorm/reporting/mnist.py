@@ -1,34 +1,35 @@
-"""Figure 1 plots and the Markdown reports of ``batchnorm reproduce mnist``, from a run's files alone.
+"""Figure 1 plots and the Markdown reports of ``batchnorm reproduce mnist``, from the runs' files alone.
 
-A run folder holds ``config.json``, ``env.json``, ``metrics.jsonl`` and ``population_batches.json``
-(written by :mod:`batchnorm.experiments.mnist`); everything here reads only those, so
-``batchnorm report <folder>`` regenerates the plots and reports at any time. A sweep folder holds
-one run folder per setting; its ``report.md`` summarizes them (mean and spread over seeds) and gives
-the verdicts for the default setting (or, if it was not run, the one with the most seeds).
+Each network of Figure 1 is its own run (:mod:`batchnorm.runfiles`); this module pairs the two
+networks of a setting and seed (:func:`find_pairs`) and reports each pair (``figure1.png`` and
+``report.md`` in a folder named after the setting) and the whole study folder (``report.md``:
+mean and spread over seeds, verdicts for the main setting — the one ``study.json`` names, else
+the one with the most seeds).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import runfiles
 from .._atomic import write_text
-from .common import RunFiles, read_run
+from .common import ReportError, template
 from .common import figure as _figure
 from .common import fmt_mean as _fmt_mean
 from .common import fmt_short as _fmt_short
 from .common import save_figure as _save
+from .paper import FIGURE1 as PAPER
+from .paper import FIGURE1_READING_TOL as READING_TOL
+from .paper import FIGURE1_STEPS as PAPER_STEPS
 
 __all__ = [
-    "PAPER",
     "Run",
     "Summary",
-    "find_runs",
-    "load_run",
+    "find_pairs",
     "plot_figure1",
     "plot_sweep",
     "summarize",
@@ -37,12 +38,6 @@ __all__ = [
     "write_sweep_report",
 ]
 
-# The paper prints no numbers for Figure 1: these are read off the plot by eye (see the spec).
-PAPER = {"bn": (0.98, 0.99), "plain": (0.96, 0.97)}
-PAPER_STEPS = 50_000
-# A by-eye reading of a 0.7-1.0 axis is good to about half a percentage point: within READING_TOL of
-# the range counts as reproduced, within 3x that as partly.
-READING_TOL = 0.0025
 THRESHOLDS = (0.95, 0.97)
 NETS = {
     "plain": "without BN",
@@ -52,24 +47,93 @@ NETS = {
 
 
 @dataclass(frozen=True)
-class Run(RunFiles):
-    """A run folder of ``batchnorm reproduce mnist``, with its population-size measurement."""
+class Run:
+    """The two networks of one setting and seed, as one run: each record holds both networks'
+    measurements under the joint keys (``test_acc_plain``, ``test_acc_bn_population``, ...;
+    :data:`batchnorm.runfiles.MNIST_JOINT_KEYS`)."""
 
+    path: Path  # where this pair's figure and report go
+    config: dict  # the shared settings (no "network")
+    versions: dict
+    env: dict
+    records: list[dict]
     sensitivity: dict | None = None
+    source: str = runfiles.METRICS
+    members: tuple[Path, ...] = ()  # the run folders of the two networks
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of every record where ``key`` has a value."""
+        pts = [(r["step"], r[key]) for r in self.records if r.get(key) is not None]
+        return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def load_run(path: str | Path) -> Run:
-    """Read a run folder; raises ``FileNotFoundError``/``ValueError`` naming what is missing."""
-    files = read_run(path)
-    sens_path = files.path / "population_batches.json"
-    sens = json.loads(sens_path.read_text()) if sens_path.is_file() else None
-    return Run(files.path, files.config, files.versions, files.env, files.records, sens)
+_TO_JOINT = {(net, key): joint for joint, (net, key) in runfiles.MNIST_JOINT_KEYS.items()}
+_SHARED = ("step", "epoch")
 
 
-def find_runs(folder: str | Path) -> list[Run]:
-    """Every run folder directly inside ``folder`` (sorted by name)."""
+def _joint(plain: runfiles.RunFiles, bn: runfiles.RunFiles) -> list[dict]:
+    out = []
+    for rp, rb in zip(plain.records, bn.records, strict=False):
+        if rp["step"] != rb["step"]:
+            break
+        rec = {k: rp[k] for k in _SHARED if k in rp}
+        for net, r in (("plain", rp), ("bn", rb)):
+            for key, value in r.items():
+                if key in _SHARED:
+                    continue
+                if key == "eval_s":
+                    rec["eval_s"] = rec.get("eval_s", 0.0) + value
+                    continue
+                joint = _TO_JOINT.get((net, key))
+                if joint is None and net == "bn" and key.startswith("val_"):
+                    joint = key.replace("_population", "") + (
+                        "_bn_population" if key.endswith("_population") else "_bn_ema"
+                    )
+                rec[joint or f"{key}_{net}"] = value
+        out.append(rec)
+    return out
+
+
+def _setting_name(cfg: dict) -> str:
+    return f"lr{cfg['lr']:g}_std{cfg['init_std']:g}_eps{cfg['eps']:g}_seed{cfg['seed']}"
+
+
+def find_pairs(folder: str | Path, runs: Sequence[runfiles.RunFiles] | None = None) -> list[Run]:
+    """The pairs (without BN, with BN) of the MNIST runs in ``folder`` (or of ``runs``), one per
+    setting and seed, sorted by name; a network without its twin is left out."""
     folder = Path(folder)
-    return [load_run(p) for p in sorted(folder.iterdir()) if (p / "config.json").is_file()]
+    runs = runfiles.find_runs(folder) if runs is None else runs
+    groups: dict[str, dict[str, runfiles.RunFiles]] = {}
+    for r in runs:
+        if r.experiment != "mnist":
+            continue
+        shared = {k: v for k, v in r.config.items() if k != "network"}
+        groups.setdefault(repr(sorted(shared.items())), {})[r.network["name"]] = r
+    pairs = []
+    for nets in groups.values():
+        if set(nets) != {"plain", "bn"}:
+            continue
+        plain, bn = nets["plain"], nets["bn"]
+        cfg = {k: v for k, v in bn.config.items() if k != "network"}
+        # schema 1: both networks lived in one folder, which keeps the pair's report
+        home = bn.path if bn.path == plain.path else bn.path.parent / _setting_name(cfg)
+        pairs.append(
+            Run(
+                home,
+                cfg,
+                bn.versions,
+                bn.env,
+                _joint(plain, bn),
+                bn.extra.get("population_batches"),
+                bn.source if bn.source != runfiles.METRICS else plain.source,
+                (plain.path, bn.path),
+            )
+        )
+    return sorted(pairs, key=lambda p: p.name)
 
 
 # -- numbers ------------------------------------------------------------------------------------
@@ -94,18 +158,21 @@ def _drift(run: Run, net: str) -> dict[str, float]:
         return max(p50) - min(p50), max(spread) - min(spread)
 
     unit_med, unit_spread = ranges(*([r[f"unit_p{q}_{net}"] for r in recs] for q in (15, 50, 85)))
+    out = {
+        "unit_median_range": unit_med,
+        "unit_spread_range": unit_spread,
+        "unit_final": [recs[-1][f"unit_p{q}_{net}"] for q in (15, 50, 85)],
+    }
+    if f"layer_p50_{net}" not in recs[0]:  # read from metrics.csv, which has no per-unit lists
+        return out
     units = len(recs[0][f"layer_p50_{net}"])
     per_unit = [
         ranges(*([r[f"layer_p{q}_{net}"][u] for r in recs] for q in (15, 50, 85)))
         for u in range(units)
     ]
-    return {
-        "unit_median_range": unit_med,
-        "unit_spread_range": unit_spread,
-        "layer_median_range": statistics.fmean(p[0] for p in per_unit),
-        "layer_spread_range": statistics.fmean(p[1] for p in per_unit),
-        "unit_final": [recs[-1][f"unit_p{q}_{net}"] for q in (15, 50, 85)],
-    }
+    out["layer_median_range"] = statistics.fmean(p[0] for p in per_unit)
+    out["layer_spread_range"] = statistics.fmean(p[1] for p in per_unit)
+    return out
 
 
 @dataclass(frozen=True)
@@ -206,23 +273,30 @@ def _verdicts(
             "the spread (15th–85th percentile) drifts without BN, stays nearly flat with BN",
         ),
     ):
+        scopes = [sc for sc in ("unit", "layer") if all(_has_scope(s, sc) for s in summaries)]
         ratios = {
             scope: [
                 s.drift["plain"][f"{scope}_{key}"] / max(s.drift["bn"][f"{scope}_{key}"], 1e-12)
                 for s in summaries
             ]
-            for scope in ("unit", "layer")
+            for scope in scopes
         }
         ok = [min(r) >= 2 for r in ratios.values()]
         verdict = "reproduced" if all(ok) else "partly" if any(ok) else "not reproduced"
+        layer = (
+            ", ".join(f"{r:.1f}×" for r in ratios["layer"])
+            + " averaged over the layer's units (the bar for reproduced: ≥ 2× in both)"
+            if "layer" in ratios
+            else "(the layer's other units are not in these files: metrics.jsonl is missing; "
+            "the bar for reproduced: ≥ 2×)"
+        )
         out.append(
             (
                 claim,
                 f"the {what} moves "
                 + ", ".join(f"{r:.1f}×" for r in ratios["unit"])
                 + " as much without BN as with it for the drawn unit, "
-                + ", ".join(f"{r:.1f}×" for r in ratios["layer"])
-                + " averaged over the layer's units (the bar for reproduced: ≥ 2× in both)",
+                + layer,
                 verdict,
             )
         )
@@ -300,14 +374,14 @@ def _groups(runs: list[Run]) -> dict[tuple, list[Run]]:
     return groups
 
 
-def _main_group(groups: dict[tuple, list[Run]]) -> list[Run]:
-    """The setting the verdicts are given for: the defaults if they were run, else the most seeds."""
-    from ..experiments.mnist import MnistConfig
-
-    default = MnistConfig().to_dict()
-    for key, group in groups.items():
-        if key == _group_key(default):
-            return group
+def _main_group(groups: dict[tuple, list[Run]], main: dict) -> list[Run]:
+    """The setting the verdicts are given for: ``main`` (from ``study.json``) if it was run, else
+    the one with the most seeds."""
+    if main:
+        key = _group_key(main)
+        for k, group in groups.items():
+            if k == key:
+                return group
     return max(groups.values(), key=len)
 
 
@@ -371,7 +445,8 @@ def _settings_table(cfg: dict) -> str:
         "lr": "not in the paper; see the sweep (plain SGD, same for both networks)",
         "init_std": 'not in the paper ("small random Gaussian values"); see the sweep',
         "eps": "not in the paper; torch's default, small against the preactivation variances",
-        "momentum": "EMA of the running statistics (torch's default); only the EMA curve uses it",
+        "bn_momentum": "EMA of the running statistics (torch's default); only the EMA curve uses it",
+        "validation": "training images held out (the last N) for choosing settings",
         "eval_every": "steps between test evaluations and checkpoints",
         "population_batches": "training batches of the Alg. 2 population pass (see below)",
         "probe_unit": "the unit drawn in Figure 1(b, c)",
@@ -422,6 +497,16 @@ def _paper_table(summaries: list[Summary]) -> str:
     return "\n".join(rows)
 
 
+def _has_scope(s: Summary, scope: str) -> bool:
+    return all(f"{scope}_median_range" in s.drift[net] for net in ("plain", "bn"))
+
+
+def _layer_cell(d: list[dict], key: str) -> str:
+    if any(key not in x for x in d):
+        return "not in the files"
+    return _fmt_short([x[key] for x in d])
+
+
 def _drift_table(summaries: list[Summary], unit: int) -> str:
     rows = [
         "| network | unit "
@@ -437,8 +522,7 @@ def _drift_table(summaries: list[Summary], unit: int) -> str:
         rows.append(
             f"| {label} | {_fmt_short([x['unit_median_range'] for x in d])} | "
             f"{_fmt_short([x['unit_spread_range'] for x in d])} | {final} | "
-            f"{_fmt_short([x['layer_median_range'] for x in d])} | "
-            f"{_fmt_short([x['layer_spread_range'] for x in d])} |"
+            f"{_layer_cell(d, 'layer_median_range')} | {_layer_cell(d, 'layer_spread_range')} |"
         )
     return "\n".join(rows)
 
@@ -464,48 +548,6 @@ def _sensitivity_text(run: Run) -> str:
     return "\n".join(rows)
 
 
-_CHOICES = """\
-The paper leaves these open. The defaults of `batchnorm reproduce mnist`, and why (the settings a
-run actually used are in its `config.json` and its report; the table above shows how the result
-moves with the settings swept):
-
-- **Input**: binarized as `pixel >= 128` (of 0..255) → 1, else 0: a fixed threshold at half
-  intensity, the simplest deterministic reading of "binary" (about 19% of the pixels are on).
-- **Optimizer**: plain SGD, no momentum and no weight decay, the same learning rate for both
-  networks, 60 images per step, a fresh permutation of the 60,000 training images every epoch
-  (identical for both networks).
-- **Initialization**: every weight ~ N(0, init_std²), biases 0, the *same* draws for both networks.
-  0.01 is "small" in the literal sense: a tenth of 1/sqrt(fan-in) for the 100-unit layers. Every
-  sigmoid starts in its linear range near 0.5 (preactivation std about 0.01·sqrt(150) ≈ 0.12 in the
-  first layer, 0.01·sqrt(100·0.25) = 0.05 after it), so the gradient that crosses three such layers
-  is small and the baseline needs a few thousand steps to leave chance level, while BN rescales
-  each layer's input and learns at once — the setting of the paper's Figure 1. Larger initial
-  weights (0.05, 0.1) make the baseline faster and the gap smaller (see the rows above); lr 0.1 at
-  0.01 leaves the baseline at chance for about 10,000 steps.
-- **Learning rate 0.5**: the middle of the swept 0.1–1.0; the BN network's final accuracy barely
-  moves across that range, the baseline's does (see the rows above).
-- **ε = 1e-5** (torch's default): at this initialization the hidden-layer preactivation variance
-  is of order 100·0.01²·0.25 = 0.0025; ε = 1e-5 is 0.4% of it, while the also common ε = 1e-3
-  would be 40% and would blunt the normalization exactly where the paper's comparison starts.
-- **Inference statistics**: population statistics exactly as Alg. 2 (a copy of the network, each
-  BN layer's `stats_mode = "population"`, statistics reset, K = 100 random training batches of 60
-  (6,000 images) run in training mode without gradients, then `eval()`). Wu & Johnson (2021)
-  report 10³–10⁴ samples suffice; each run's report measures K at the final weights. The
-  moving-average curve uses torch's momentum 0.1.
-- **Figure 1(b, c)**: unit 0 of the last hidden layer (a fixed index, not picked for its looks),
-  percentiles over the first 1,000 test images with both networks in inference mode; the drift
-  table also averages over all 100 units.
-"""
-
-_SANTURKAR = (
-    "These percentiles show *what* BN does to the distribution of a unit's input; they do not show "
-    "that this is *why* the BN network trains faster. Santurkar et al. (2018) injected noise that "
-    "adds distribution shift after every BN layer and still saw BN's speed-up, and credit a smoother "
-    "loss landscape instead. This report therefore makes no claim that the flat percentiles cause "
-    "the speed-up."
-)
-
-
 def _timing_text(summaries: list[Summary]) -> str:
     walls = ", ".join(f"{x.wall_s:.0f} s" for x in summaries)
     plain = ", ".join(f"{x.step_us['plain']:.0f}" for x in summaries)
@@ -521,70 +563,55 @@ def _timing_text(summaries: list[Summary]) -> str:
     )
 
 
+def _sensitivity_note(run: Run) -> str:
+    if run.source == runfiles.METRICS:
+        return ""
+    return (
+        "\n\n(This run's `metrics.jsonl` is not in its folder: these numbers are read from "
+        "`metrics.csv`, which lacks the per-unit percentiles of the whole layer.)"
+    )
+
+
 def write_run_report(run: Run) -> Path:
-    """``report.md`` and ``figure1.png/svg`` in the run's folder."""
+    """``report.md`` and ``figure1.png/svg`` in the pair's folder."""
+    run.path.mkdir(parents=True, exist_ok=True)
     plot_figure1(run)
     s = summarize(run)
     cfg = run.config
     env = run.env.get("sessions", [{}])[0]
-    text = f"""# Figure 1 (MNIST), reproduced — run `{run.name}`
-
-Ioffe & Szegedy 2015 (arXiv:1502.03167), Sec. 4.1. Regenerate this report from the run's files:
-`batchnorm report {run.path}`.
-
-![Figure 1](figure1.png)
-
-## Measured
-
-{_numbers_table([s])}
-
-Steps are those of the evaluations (every {cfg["eval_every"]} steps), so a "steps to" value is
-the first evaluation at or above the threshold.
-
-## Beside the paper
-
-{_paper_table([s])}
-
-{_verdict_table([run], [s])}
-
-## Figure 1(b, c): percentiles of the sigmoid input
-
-{_drift_table([s], cfg["probe_unit"])}
-
-Ranges are max − min over the evaluations after step 0 (the input to the sigmoid; the 15–85
-spread is the 85th minus the 15th percentile), measured on the first {cfg["probe_examples"]} test
-images with the networks in inference mode. {_SANTURKAR}
-
-## Inference statistics: population (Alg. 2) vs moving average
-
-Final test accuracy with population statistics {s.final["bn_population"]:.4f}, with the moving
-average (momentum {cfg["momentum"]}) {s.final["bn_ema"]:.4f}. How many training batches the
-population pass needs, at the final weights:
-
-{_sensitivity_text(run)}
-
-## Settings
-
-{_settings_table(cfg)}
-
-## Time and environment
-
-{_timing_text([s])}
-
-torch {run.versions.get("torch", "?")}, batchnorm {run.versions.get("batchnorm", "?")}, CPU
-{env.get("cpu", "?")} ({env.get("cpu_count", "?")} cores, torch threads {env.get("torch_threads", "?")}), git
-{env.get("git_revision", "?")}.
-"""
+    text = template("mnist_run.md").substitute(
+        name=run.name,
+        path=run.path,
+        numbers=_numbers_table([s]),
+        eval_every=cfg["eval_every"],
+        paper=_paper_table([s]),
+        verdicts=_verdict_table([run], [s]),
+        drift=_drift_table([s], cfg["probe_unit"]) + _sensitivity_note(run),
+        probe_examples=cfg["probe_examples"],
+        santurkar=template("mnist_santurkar.md").template.strip(),
+        final_population=f"{s.final['bn_population']:.4f}",
+        final_ema=f"{s.final['bn_ema']:.4f}",
+        bn_momentum=cfg["bn_momentum"],
+        sensitivity=_sensitivity_text(run),
+        settings=_settings_table(cfg),
+        timing=_timing_text([s]),
+        torch=run.versions.get("torch", "?"),
+        batchnorm=run.versions.get("batchnorm", "?"),
+        cpu=env.get("cpu", "?"),
+        cores=env.get("cpu_count", "?"),
+        threads=env.get("torch_threads", "?"),
+        git=env.get("git_revision", "?"),
+    )
     path = run.path / "report.md"
     write_text(path, text)
     return path
 
 
 def write_sweep_report(folder: Path, runs: list[Run]) -> Path:
-    """``report.md`` and ``sweep.png/svg`` in the sweep folder: every setting, mean and spread."""
+    """``report.md`` and ``sweep.png/svg`` in the study folder: every setting, mean and spread."""
     folder = Path(folder)
     groups = _groups(runs)
-    main = _main_group(groups)
+    main = _main_group(groups, runfiles.read_study(folder).get("main", {}))
     main_s = [summarize(r) for r in main]
     if len(runs) > 1:
         plot_sweep(runs, folder / "sweep")
@@ -603,69 +630,54 @@ def write_sweep_report(folder: Path, runs: list[Run]) -> Path:
             + f" | {_fmt_steps([s.to_threshold['bn_population']['0.97'] for s in ss], gc['steps'])}"
             + f" | {_fmt_steps([s.to_threshold['plain']['0.97'] for s in ss], gc['steps'])} |"
         )
-    runs_list = "\n".join(f"- [`{r.name}`]({r.name}/report.md)" for r in runs)
-    sweep_fig = "![sweep](sweep.png)\n\n" if len(runs) > 1 else ""
-    text = f"""# Figure 1 (MNIST), reproduced
-
-Ioffe & Szegedy 2015 (arXiv:1502.03167), Sec. 4.1: a 784-100-100-100-10 sigmoid MLP trained with
-plain SGD on binarized MNIST, with and without BN. Regenerate this report from the runs' files:
-`batchnorm report {folder}`.
-
-Verdicts below are for {_group_label(cfg)} ({len(main)} seed(s): the defaults if they were run, else
-the setting with the most seeds);
-{"with several seeds, numbers are mean ± standard deviation (min, max)." if len(main) > 1 else "one seed: no spread."}
-
-![Figure 1, seed {cfg["seed"]}]({first.name}/figure1.png)
-
-## Measured ({_group_label(cfg)})
-
-{_numbers_table(main_s)}
-
-## Beside the paper
-
-{_paper_table(main_s)}
-
-{_verdict_table(main, main_s)}
-
-## Figure 1(b, c): percentile drift
-
-{_drift_table(main_s, cfg["probe_unit"])}
-
-{_SANTURKAR}
-
-## Every setting
-
-{rows[0]}
-{chr(10).join(rows[1:])}
-
-{sweep_fig}## Choices the paper leaves open: the defaults, and why
-
-{_CHOICES}
-
-## Time
-
-{_timing_text(main_s)}
-
-## Runs
-
-{runs_list}
-"""
+    runs_list = "\n".join(f"- [`{r.name}`]({r.path.relative_to(folder)}/report.md)" for r in runs)
+    spread = (
+        "with several seeds, numbers are mean ± standard deviation (min, max)."
+        if len(main) > 1
+        else "one seed: no spread."
+    )
+    text = template("mnist_study.md").substitute(
+        folder=folder,
+        setting=_group_label(cfg),
+        seeds=len(main),
+        spread=spread,
+        seed=cfg["seed"],
+        figure=f"{first.path.relative_to(folder)}/figure1.png",
+        numbers=_numbers_table(main_s),
+        paper=_paper_table(main_s),
+        verdicts=_verdict_table(main, main_s),
+        drift=_drift_table(main_s, cfg["probe_unit"]) + _sensitivity_note(first),
+        santurkar=template("mnist_santurkar.md").template.strip(),
+        every_setting="\n".join(rows),
+        sweep_figure="![sweep](sweep.png)\n\n" if len(runs) > 1 else "",
+        choices=template("mnist_choices.md").template.strip(),
+        timing=_timing_text(main_s),
+        runs=runs_list,
+    )
     path = folder / "report.md"
     write_text(path, text)
     return path
 
 
-def write_reports(folder: str | Path) -> Path:
-    """Regenerate everything under ``folder`` (a run folder or a sweep folder); return the report."""
+def write_reports(folder: str | Path, runs: Sequence[runfiles.RunFiles] | None = None) -> Path:
+    """Regenerate everything under ``folder`` (a study folder, or a run folder of either
+    network); return the report of ``folder``."""
     folder = Path(folder)
-    if (folder / "config.json").is_file():
-        return write_run_report(load_run(folder))
-    runs = find_runs(folder) if folder.is_dir() else []
-    if not runs:
-        raise FileNotFoundError(
-            f"{folder} holds no run: expected a run folder (with config.json and metrics.jsonl) "
-            "or a folder of run folders, as written by `batchnorm reproduce mnist --out ...`"
+    if (folder / runfiles.CONFIG).is_file() and runs is None:
+        runs = runfiles.find_runs(folder)
+    if (folder / runfiles.CONFIG).is_file() and len(runs or []) < 2:
+        # one network's run: its twin is a sibling in the study folder
+        pairs = [p for p in find_pairs(folder.parent) if folder in p.members]
+    else:
+        pairs = find_pairs(folder, runs)
+    if not pairs:
+        raise ReportError(
+            f"{folder} holds no pair of MNIST runs (the network without BN and the one with it, "
+            "same settings and seed), so there is no Figure 1 to draw; run `batchnorm reproduce "
+            "mnist` with both networks (the default) into that folder"
         )
-    for r in runs:
-        write_run_report(r)
-    return write_sweep_report(folder, runs)
+    for p in pairs:
+        write_run_report(p)
+    if (folder / runfiles.CONFIG).is_file():
+        return pairs[0].path / "report.md"
+    return write_sweep_report(folder, pairs)
