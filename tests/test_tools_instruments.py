@@ -3,6 +3,8 @@ the instruments measuring at every step, and a measurement that fails half-way r
 the optimizer and the random streams all the same."""
 
 import itertools
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,3 +187,10 @@ def test_measuring_inside_an_accumulation_block_does_not_count_as_a_micro_batch(
                 _loss(model, _batch(step)).backward()
         results.append(model.state_dict())
     assert_state_dicts_equal(*results)
+
+
+def test_the_user_guide_example_runs():
+    guide = Path(__file__).resolve().parent.parent / "docs" / "instruments.md"
+    blocks = re.findall(r"```python\n(.*?)```", guide.read_text(), flags=re.S)
+    assert len(blocks) == 1
+    exec(compile(blocks[0], str(guide), "exec"), {"__name__": "instruments_example"})
