@@ -16,6 +16,9 @@ from .nn import (
     GhostBatchNorm1d,
     GhostBatchNorm2d,
     GhostBatchNorm3d,
+    NoisyBatchNorm1d,
+    NoisyBatchNorm2d,
+    NoisyBatchNorm3d,
     SyncBatchNorm,
 )
 from .tools import (
@@ -44,6 +47,9 @@ __all__ = [
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
+    "NoisyBatchNorm1d",
+    "NoisyBatchNorm2d",
+    "NoisyBatchNorm3d",
     "SyncBatchNorm",
     "__version__",
     "accumulate_statistics",

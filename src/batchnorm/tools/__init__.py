@@ -14,6 +14,10 @@
   each layer, dead channels, collapsed γ, non-finite state — with advice.
 - :func:`convert`: swap torch's BN layers for ours and back; :func:`convert_sync` /
   :func:`convert_from_sync`: to :class:`~batchnorm.nn.SyncBatchNorm` and back.
+
+Instruments for why BN works (:mod:`batchnorm.tools.instruments`): :class:`ShiftTracker`
+(Figure 1(b, c) for any layer), :func:`internal_covariate_shift` (Santurkar et al.'s ICS),
+:func:`smoothness` (the landscape along the step), :func:`scale_check` (Sec. 3.3).
 """
 
 from ..nn.sync import convert_from_sync, convert_sync
@@ -40,6 +44,20 @@ from .freezing import (
     unfreeze_stats,
 )
 from .insert import LAYERS, NONLINEARITIES, add_batchnorm
+from .instruments import (
+    DriftSummary,
+    ICSReport,
+    LayerICS,
+    LayerShift,
+    ScaleCheck,
+    ScaleReport,
+    ShiftReport,
+    ShiftTracker,
+    SmoothnessReport,
+    internal_covariate_shift,
+    scale_check,
+    smoothness,
+)
 from .recalibration import LayerRecalibration, RecalibrationReport, recalibrate
 
 __all__ = [
@@ -47,15 +65,24 @@ __all__ = [
     "NONLINEARITIES",
     "BNHealthReport",
     "ChannelAffine",
+    "DriftSummary",
     "FoldResult",
     "FrozenBatchNorm",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
+    "ICSReport",
     "LayerHealth",
+    "LayerICS",
     "LayerRecalibration",
+    "LayerShift",
     "ModelTraceError",
     "RecalibrationReport",
+    "ScaleCheck",
+    "ScaleReport",
+    "ShiftReport",
+    "ShiftTracker",
+    "SmoothnessReport",
     "accumulate_statistics",
     "add_batchnorm",
     "bn_layers",
@@ -70,7 +97,10 @@ __all__ = [
     "fold_modules",
     "freeze",
     "freeze_stats",
+    "internal_covariate_shift",
     "name_layers",
     "recalibrate",
+    "scale_check",
+    "smoothness",
     "unfreeze_stats",
 ]
