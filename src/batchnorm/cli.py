@@ -221,27 +221,58 @@ def _reproduce(args: argparse.Namespace) -> int:
             return RUN_ERROR
 
 
+# Options that choose the runs: any of them means "just these runs", not the pre-registered study.
+_KEEP_STUDY = ("threads", "dataset")
+
+
+def _adhoc(args: argparse.Namespace) -> bool:
+    """Whether the command names its own runs (``--networks``, ``--seeds``, or any setting but
+    ``--threads``/``--dataset``) instead of asking for the experiment's pre-registered study."""
+    chosen = [o.name for o in args.opts if getattr(args, o.name) is not None]
+    return bool(args.networks or args.seeds or [n for n in chosen if n not in _KEEP_STUDY])
+
+
+def _base(experiment, args: argparse.Namespace, world: int, start):
+    """``start`` with the data-parallel settings, the preset and every scalar option applied,
+    and the lists the options sweep."""
+    from .experiments.config import with_values
+
+    base = with_values(start, {("processes",): world, ("bn_sync",): args.bn == "sync"})
+    base = experiment.preset(base, "quick" if args.quick else None)
+    scalars, lists = {}, {}
+    for opt in args.opts:
+        value = getattr(args, opt.name)
+        if value is not None:
+            (lists if opt.sweep else scalars)[opt.path] = value
+    return with_values(base, scalars), lists
+
+
 def _configs(experiment, args: argparse.Namespace, world: int, opts: list) -> list:
+    """The runs the command names: every combination of its lists, networks and seeds."""
     from .experiments.config import ConfigError, grid, with_values
 
     try:
-        base = experiment.config(processes=world, bn_sync=args.bn == "sync")
-        base = experiment.preset(base, "quick" if args.quick else None)
-        scalars, lists = {}, {}
-        for opt in opts:
-            value = getattr(args, opt.name)
-            if value is not None:
-                (lists if opt.sweep else scalars)[opt.path] = value
-        base = with_values(base, scalars)
-        settings = grid(base, lists)
+        base, lists = _base(experiment, args, world, experiment.config())
+        networks = _networks(experiment, args.networks)
         return [
             with_values(cfg, {("network",): net, ("seed",): seed})
-            for cfg in settings
-            for net in args.networks
+            for cfg in grid(base, lists)
+            for net in networks
             for seed in args.seeds or [base.seed]
         ]
     except ConfigError as exc:
         raise _config_error(exc, opts) from None
+
+
+def _protocol(experiment, args: argparse.Namespace, world: int):
+    """The experiment's pre-registered study on the command line's --threads/--dataset."""
+    from .experiments.config import ConfigError
+
+    try:
+        base, _ = _base(experiment, args, world, experiment.study_base)
+    except ConfigError as exc:
+        raise _config_error(exc, args.opts) from None
+    return experiment.protocol(base, args.quick)
 
 
 def _networks(experiment, text: str | None) -> list[str]:
@@ -273,13 +304,18 @@ def _reproduce_ranks(args: argparse.Namespace, rank: int, world: int, say) -> in
     from ._atomic import write_text
     from .experiments import study
     from .experiments.config import ConfigError
+    from .experiments.protocol import run_protocol
     from .experiments.runs import Ranks, RunError, tensorboard_available
     from .reporting import ReportError, write_report
 
     experiment = study.get(args.experiment)
     prog = f"batchnorm reproduce {args.experiment}"
-    args.networks = _networks(experiment, args.networks)
-    configs = _configs(experiment, args, world, args.opts)
+    plan = None
+    if _adhoc(args) or experiment.protocol is None:
+        configs = _configs(experiment, args, world, args.opts)
+    else:
+        plan = _protocol(experiment, args, world)
+        configs = [cfg for _, cfg in plan.grid]
     if args.jobs < 1:
         raise UsageError(f"--jobs must be a positive integer, got {args.jobs}")
     if world > 1 and args.jobs > 1:
@@ -305,15 +341,15 @@ def _reproduce_ranks(args: argparse.Namespace, rank: int, world: int, say) -> in
             failure = exc
     Ranks().agree(failure)  # under torchrun the other ranks stop with rank 0
     jobs = min(args.jobs, len(configs))
-    say(
-        f"data: {dataset.name} from {dataset.source}; {len(configs)} run(s) into {out}, {jobs} at a time"
-    )
+    what = f"the pre-registered study {plan.name}" if plan else f"{len(configs)} run(s)"
+    say(f"data: {dataset.name} from {dataset.source}; {what} into {out}, {jobs} at a time")
     if world > 1:
         say(f"{world} processes, BN statistics {args.bn}; rank 0 writes")
     if rank == 0:
         if not tensorboard_available():
             say("TensorBoard events off (pip install 'batchnorm[tensorboard]' to write them)")
         _build_kernels(say)  # before the workers start, which would each wait for the build
+    if rank == 0 and plan is None:
         main = experiment.preset(experiment.config(), "quick" if args.quick else None)
         study_doc = {"experiment": experiment.name, "schema": runfiles.SCHEMA}
         study_doc["main"] = {
@@ -323,17 +359,17 @@ def _reproduce_ranks(args: argparse.Namespace, rank: int, world: int, say) -> in
             import json
 
             write_text(out / runfiles.STUDY, json.dumps(study_doc, indent=2) + "\n")
+    options = dict(
+        preset="quick" if args.quick else None,
+        jobs=jobs,
+        progress=not args.no_progress and rank == 0,
+        echo=say,
+    )
     try:
-        study.run_study(
-            experiment,
-            configs,
-            out,
-            dataset,
-            preset="quick" if args.quick else None,
-            jobs=jobs,
-            progress=not args.no_progress and rank == 0,
-            echo=say,
-        )
+        if plan is None:
+            study.run_study(experiment, configs, out, dataset, **options)
+        else:
+            run_protocol(experiment, plan, out, dataset, **options)
     except RunError as exc:
         say(f"{prog}: {exc}", file=sys.stderr)
         return RUN_ERROR

@@ -57,6 +57,8 @@ __all__ = [
     "read_run",
     "read_runs",
     "read_study",
+    "score",
+    "select",
 ]
 
 SCHEMA = 2
@@ -288,3 +290,20 @@ def _schema1(
             )
         )
     return out
+
+
+# -- the selection rule of a pre-registered study ------------------------------------------------------
+
+
+def score(run: RunFiles, metric: str, last: int) -> float:
+    """The mean of ``metric`` over the run's last ``last`` evaluations that have it (−inf if
+    none: a run that diverged before it was measured loses every comparison)."""
+    values = [r[metric] for r in run.records if r.get(metric) is not None][-last:]
+    return sum(values) / len(values) if values else float("-inf")
+
+
+def select(runs: list[RunFiles], metric: str, last: int) -> RunFiles:
+    """The run with the highest :func:`score` (ties: the first in ``runs``' order). A study
+    applies this to choose its winners, and its report applies it again to show them."""
+    best = max(score(r, metric, last) for r in runs)
+    return next(r for r in runs if score(r, metric, last) == best)

@@ -43,6 +43,10 @@ class Experiment:
     presets: Mapping[str, Mapping[tuple[str, ...], object]] = field(default_factory=dict)
     derived: tuple[str, ...] = ()  # config.json keys computed from others (not compared)
     network_groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # "all", ...
+    # The pre-registered study `batchnorm reproduce <name>` runs without run-choosing flags:
+    # (base config, quick) -> Protocol; and the base config it starts from.
+    protocol: Callable[[Any, bool], Any] | None = None
+    study_base: Any = None
 
     def preset(self, cfg: Config, name: str | None) -> Config:
         """``cfg`` with the preset ``name`` applied (``None``: unchanged)."""

@@ -37,6 +37,7 @@ from ..study import Experiment
 from .config import QUICK, ConvnetConfig, check_fits
 from .data import ConvnetData, make_batch, prepare_data
 from .model import MODULES, Inception, LocalResponseNorm, build_network
+from .protocol import STUDY_BASE, protocol
 from .recipe import (
     DECAY_SPEEDUP,
     L2_DIVISOR,
@@ -74,6 +75,7 @@ __all__ = [
     "make_batch",
     "population_steps",
     "prepare_data",
+    "protocol",
     "run_name",
 ]
 
@@ -104,4 +106,6 @@ EXPERIMENT = Experiment(
     presets={"quick": QUICK},
     derived=("recipe",),
     network_groups={"all": STUDY, "main": MAIN},
+    protocol=protocol,
+    study_base=STUDY_BASE,
 )

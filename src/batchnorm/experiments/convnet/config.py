@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ... import data
 from ..config import (
@@ -55,11 +55,23 @@ class ConvnetConfig(Config):
     )
     test_examples: int | None = param(None, "evaluate on the first N test images", check=_examples)
     validation: int = param(
-        0,
+        5_000,
         "training images held out (the last N) to choose settings on; 0: none",
         check=at_least(0),
     )
     base: Recipe = param(Recipe(), "the Baseline's recipe; each network derives its own")
+    # A study's choices on validation images: this network's own learning rate and half-life,
+    # instead of those its recipe derives from the base (None: derived).
+    lr: float | None = param(
+        None,
+        "this network's own initial learning rate (default: derived from --base-lr)",
+        check=lambda v: None if v is None else positive(v),
+    )
+    lr_half_life: float | None = param(
+        None,
+        "this network's own learning-rate half-life in steps (default: derived)",
+        check=lambda v: None if v is None else positive(v),
+    )
     width: float = param(1.0, "channel multiplier of the network", check=between(0.25, 8))
     eps: float = param(
         1e-5, "BN's epsilon", check=between(0, 1, open_low=True, open_high=True), cli=False
@@ -91,8 +103,13 @@ class ConvnetConfig(Config):
 
     @property
     def recipe(self) -> Recipe:
-        """This network's recipe, derived from the base one."""
-        return self.net.recipe(self.base)
+        """This network's recipe: derived from the base one, with its own ``lr`` and
+        ``lr_half_life`` where they are set."""
+        r = self.net.recipe(self.base)
+        own = {
+            k: v for k, v in (("lr", self.lr), ("lr_half_life", self.lr_half_life)) if v is not None
+        }
+        return replace(r, **own) if own else r
 
     def to_dict(self) -> dict:
         d = super().to_dict()

@@ -39,8 +39,11 @@ __all__ = ["ConvnetTask", "evaluation_steps", "population_steps", "run_name"]
 
 
 def run_name(cfg: ConvnetConfig) -> str:
-    """The run folder's name: network, its own initial learning rate, seed."""
-    return f"{cfg.network}_lr{cfg.recipe.lr:g}_seed{cfg.seed}"
+    """The run folder's name: network, its initial learning rate and half-life, the budget when
+    it is not the default 10,000 steps, seed."""
+    r = cfg.recipe
+    budget = "" if cfg.steps == 10_000 else f"_{cfg.steps}steps"
+    return f"{cfg.network}_lr{r.lr:g}_hl{r.lr_half_life:g}{budget}_seed{cfg.seed}"
 
 
 def evaluation_steps(cfg: ConvnetConfig) -> list[int]:

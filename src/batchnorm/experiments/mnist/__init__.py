@@ -27,6 +27,7 @@ from ..study import Experiment
 from .config import DATASETS, NETWORKS, MnistConfig, check_fits
 from .data import MnistData, prepare_data
 from .model import build_mlp, sigmoid_input
+from .protocol import protocol
 from .task import QUANTILES, SENSITIVITY_BATCHES, MnistTask, run_name
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "build_mlp",
     "check_fits",
     "prepare_data",
+    "protocol",
     "run_name",
     "sigmoid_input",
 ]
@@ -66,4 +68,6 @@ EXPERIMENT = Experiment(
     check_fits=check_fits,
     presets={"quick": {("steps",): 2000, ("eval_every",): 100}},
     network_groups={"all": tuple(NETWORKS)},
+    protocol=protocol,
+    study_base=MnistConfig(),
 )

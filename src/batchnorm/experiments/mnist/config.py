@@ -63,9 +63,16 @@ class MnistConfig(Config):
         100, "training batches of the Alg. 2 population pass at each evaluation", check=positive_int
     )
     validation: int = param(
-        0,
+        10_000,
         "training images held out (the last N) to choose settings on; 0: none",
         check=at_least(0),
+    )
+    layer_every: int = param(
+        2_500,
+        "steps between records of every last-layer unit's percentiles (the drawn unit's: every "
+        "evaluation)",
+        check=positive_int,
+        cli=False,
     )
     probe_unit: int = param(0, "the last-hidden-layer unit drawn in Figure 1(b, c)", cli=False)
     probe_examples: int = param(

@@ -102,7 +102,11 @@ class MnistTask:
         loss = (self.loss_sum / self.since).item() if self.since else None
         self.loss_sum.zero_()
         self.since = 0
-        return {"epoch": step * self.cfg.batch_size / len(self.d.x_train), "train_loss": loss}
+        return {
+            "epoch": step * self.cfg.batch_size / len(self.d.x_train),
+            "train_loss": loss,
+            "clock_s": time.time(),  # when this record was made (seconds since the epoch)
+        }
 
     def _batches(self, key: tuple, k: int) -> list[Tensor]:
         """``k`` random training batches (without repeats), drawn by a generator seeded by ``key``."""
@@ -110,15 +114,19 @@ class MnistTask:
         idx = torch.randperm(len(self.d.x_train), generator=gen)[: k * self.cfg.batch_size]
         return list(self.d.x_train[idx].split(self.cfg.batch_size))
 
-    def _percentiles(self, model: nn.Module) -> dict:
+    def _percentiles(self, model: nn.Module, step: int) -> dict:
+        """The drawn unit's percentiles (every evaluation) and, every ``layer_every`` steps and
+        at the ends, every unit's (rounded to 5 decimals: the run files stay small)."""
         with torch.no_grad():
             z = sigmoid_input(model, self.d.x_test[: self.cfg.probe_examples])
             q = torch.quantile(z.double(), torch.tensor(QUANTILES, dtype=torch.float64), dim=0)
         rows = q.tolist()  # [3][units]
         rec = {}
-        for prefix, pick in (("unit", lambda row: row[self.cfg.probe_unit]), ("layer", list)):
+        for quantile, row in zip(QUANTILES, rows, strict=True):
+            rec[f"unit_p{round(quantile * 100)}"] = row[self.cfg.probe_unit]
+        if step % self.cfg.layer_every == 0 or step == self.steps:
             for quantile, row in zip(QUANTILES, rows, strict=True):
-                rec[f"{prefix}_p{round(quantile * 100)}"] = pick(row)
+                rec[f"layer_p{round(quantile * 100)}"] = [round(v, 5) for v in row]
         return rec
 
     def _measure(self, model: nn.Module, suffix: str) -> dict:
@@ -138,14 +146,14 @@ class MnistTask:
         try:
             rec = self._measure(self.model, "")
             if not self.cfg.bn:
-                rec |= self._percentiles(self.model)
+                rec |= self._percentiles(self.model, step)
         finally:
             self.model.train()
         if self.cfg.bn:
             pop = population_copy(
                 self.model, self._batches(("population", step), self.cfg.population_batches)
             )
-            rec |= self._measure(pop, "_population") | self._percentiles(pop)
+            rec |= self._measure(pop, "_population") | self._percentiles(pop, step)
         rec["eval_s"] = time.perf_counter() - start
         return rec
 
