@@ -279,9 +279,12 @@ def _train(
         if backend == "python":
             y, mean, var = BatchNormFunction.apply(x, weight, bias, eps)
         else:
-            y = F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+            y = _native_train_output(x, weight, bias, eps)
             with torch.no_grad():  # PyTorch's own numerics here; 16-bit inputs reduced in float32
-                xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+                # (detached: no_grad does not stop forward-mode AD, whose tangents must not reach
+                # the running statistics)
+                xs = x.detach()
+                xs = xs.float() if xs.dtype in (torch.float16, torch.bfloat16) else xs
                 var, mean = torch.var_mean(xs, reduce_dims(x), correction=0)
                 mean, var = mean.double(), var.double()
         update_running_stats(
@@ -305,6 +308,28 @@ def _train(
     if skipped:
         warn_skip(nonfinite_count, describe)
     return BatchStats(y, mean, var)
+
+
+def _native_train_output(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    """The "native" backend's output: PyTorch's F.batch_norm, with two DEVIATIONs so that every
+    backend computes the same function:
+
+    - 16-bit CPU inputs are normalized in float32: torch's CPU kernel loses the statistics when
+      |mean| >> std (bfloat16 [-50, -50.25] comes out [0, -1.41] instead of [1, -1]);
+    - γ/β of another dtype than the input (a float64 input to a float32 layer), which torch's CPU
+      kernel refuses ("mixed dtype") and the fused kernels accept, are cast to the compute dtype
+      (16-bit inputs with float32 γ/β, which torch accepts everywhere, stay as they are).
+    """
+    half = (torch.float16, torch.bfloat16)
+    xc = x.float() if x.is_cpu and x.dtype in half else x
+
+    def cast(t: Tensor | None) -> Tensor | None:
+        if t is None or t.dtype == xc.dtype or (xc.dtype in half and t.dtype == torch.float32):
+            return t
+        return t.to(xc.dtype)
+
+    w, b = cast(weight), cast(bias)
+    return F.batch_norm(xc, None, None, w, b, True, 0.0, eps).to(x.dtype)
 
 
 def torch_train(
