@@ -521,7 +521,7 @@ def test_bad_inputs_raise_clear_errors():
         batch_norm_train(torch.randn(5))
     with pytest.raises(TypeError, match="floating-point input"):
         batch_norm_train(torch.ones(4, 3, dtype=torch.int64))
-    with pytest.raises(ValueError, match="eps must be > 0"):
+    with pytest.raises(ValueError, match="eps must be positive during training"):  # torch's words
         batch_norm_train(torch.randn(4, 3), eps=0.0)
     with pytest.raises(ValueError, match="momentum must be in"):
         batch_norm_train(torch.randn(4, 3), running_mean=torch.zeros(3), momentum=1.5)

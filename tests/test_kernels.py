@@ -3,6 +3,7 @@ when they cannot be built."""
 
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -378,3 +379,16 @@ def test_16_bit_values_convert_by_instruction_not_by_libgcc_call():
     binary = Path(kernels.module().__file__).read_bytes()
     for helper in (b"__extendhfsf2", b"__extendhfdf2", b"__truncsfhf2", b"__truncdfhf2"):
         assert helper not in binary, helper
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no g++")
+@pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64-v2"])
+def test_the_rows_blocking_benchmark_compiles_without_avx512(arch):
+    """Issue 18 item 6: benchmarks/rows_blocking.cpp failed to compile on an AVX2-only machine.
+    (Compiled only; timings belong in benchmarks/, never in tests.)"""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 only")
+    source = Path(__file__).resolve().parents[1] / "benchmarks" / "rows_blocking.cpp"
+    subprocess.run(
+        ["g++", "-O1", f"-march={arch}", "-c", str(source), "-o", os.devnull], check=True
+    )

@@ -327,10 +327,20 @@ def test_bad_inputs_name_the_layer_and_the_shape():
 
 
 def test_bad_hyperparameters():
-    with pytest.raises(ValueError, match="eps must be > 0"):
-        BatchNorm1d(3, eps=0.0)
-    with pytest.raises(ValueError, match="eps must be > 0"):
-        BatchNorm1d(3, eps=-1e-5)
+    # eps as torch (issue 18): accepted at construction; eps = 0 is fine in eval and raises in a
+    # training forward; eps < 0 raises in every forward; NaN (torch: NaN outputs) right away.
+    zero = BatchNorm1d(3, eps=0.0)
+    with pytest.raises(ValueError, match=r"BatchNorm1d\(3\): eps must be positive during training"):
+        zero(torch.randn(4, 3))
+    zero.eval()
+    assert torch.isfinite(zero(torch.randn(4, 3))).all()
+    negative = BatchNorm1d(3, eps=-1e-5)
+    with pytest.raises(ValueError, match="eps must be positive during training"):
+        negative(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="eps must be non-negative"):
+        negative.eval()(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="eps must be a number"):
+        BatchNorm1d(3, eps=float("nan"))
     with pytest.raises(ValueError, match="momentum must be in"):
         BatchNorm1d(3, momentum=1.5)
     with pytest.raises(ValueError, match="momentum must be in"):

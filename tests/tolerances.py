@@ -45,3 +45,33 @@ RECAL_F32 = {"atol": 1e-6, "rtol": 1e-6}
 
 # Population statistics of float64 data vs a hand/numpy-style float64 computation.
 RECAL_F64 = {"atol": 1e-12, "rtol": 1e-10}
+
+# Ours against torch's own implementation on the same inputs, in the inputs' dtype (the
+# differential and fuzz tests). float64: both are exact to ~1e-15. float32: two float32 results
+# whose rounding orders differ (outputs: TORCH_AGREEMENT; gradients sum over m values: GRAD_F32).
+# 16-bit: both compute in float32 and round once to the 16-bit output, which may land one unit in
+# the last place apart (2^-8 relative for bfloat16, 2^-11 for float16), so the float64-reference
+# tolerances of TOL apply.
+AGREEMENT = {
+    torch.float64: TOL[torch.float64],
+    torch.float32: TORCH_AGREEMENT,
+    torch.float16: TOL[torch.float16],
+    torch.bfloat16: TOL[torch.bfloat16],
+}
+GRAD_AGREEMENT = {
+    torch.float64: TOL[torch.float64],
+    torch.float32: GRAD_F32,
+    torch.float16: TOL[torch.float16],
+    torch.bfloat16: TOL[torch.bfloat16],
+}
+
+# The fuzz test's max-norm relative agreement, max|a - b| <= tol · (1 + max|b|), for outputs,
+# gradients and running statistics, against torch and against float64 on the same rounded values
+# (elementwise tolerances fail where BN's terms cancel to ~0 next to large ones). 16-bit: two
+# roundings to the output dtype, each half a unit in the last place (2^-9 and 2^-12 relative).
+FUZZ_REL = {
+    torch.float64: 1e-9,
+    torch.float32: 1e-4,
+    torch.float16: 4e-3,
+    torch.bfloat16: 3e-2,
+}

@@ -1316,8 +1316,10 @@ std::tuple<Tensor, Tensor, Tensor> train_forward_cpu(
   auto [g, x] = geometry_of(input);
   TORCH_CHECK(g.m != 1, "Expected more than 1 value per channel when training, got input size ",
               input.sizes());
-  TORCH_CHECK(eps > 0, "batchnorm: eps must be positive, got ", eps);
-  TORCH_CHECK(!momentum || (*momentum >= 0 && *momentum <= 1),
+  TORCH_CHECK(eps > 0, "batchnorm: eps must be positive during training, got ", eps);
+  const bool updates = (running_mean.has_value() && running_mean->defined()) ||
+                       (running_var.has_value() && running_var->defined());
+  TORCH_CHECK(!updates || !momentum || (*momentum >= 0 && *momentum <= 1),
               "batchnorm: momentum must be in [0, 1] or None, got ", *momentum);
   // Every check before anything is written: a refused call changes no buffer.
   for (const auto* buf : {&running_mean, &running_var})
@@ -1361,7 +1363,10 @@ std::tuple<Tensor, Tensor, Tensor> train_backward_cpu(const Tensor& grad_out,
   const double* mean_p = double_vector(mean, g.C, mean_holder, "mean");
   const double* var_p = double_vector(var, g.C, var_holder, "var");
   std::vector<double> inv(g.C), sum_g(g.C), sum_gc(g.C);
-  for (int64_t c = 0; c < g.C; ++c) inv[c] = 1.0 / std::sqrt(var_p[c] + eps);
+  // An empty batch has no statistics (the forward returns NaN for them): every sum is an empty
+  // sum, 0, and so are dl/dgamma = sum g x_hat and dl/dbeta = sum g, as in torch; an inv of NaN
+  // would turn dl/dgamma into 0 * NaN.
+  for (int64_t c = 0; c < g.C; ++c) inv[c] = g.total() > 0 ? 1.0 / std::sqrt(var_p[c] + eps) : 0.0;
   Tensor dx = mask[0] ? empty_output(x, x) : Tensor();
   if (g.total() > 0) BN_DISPATCH(x.scalar_type(), "batchnorm_train_backward", [&] {
     ChannelAffine<scalar_t> a(g.C);
@@ -1629,7 +1634,7 @@ std::tuple<Tensor, Tensor, Tensor> train_forward_autograd(
   return out;
 }
 
-int64_t abi_version() { return 4; }
+int64_t abi_version() { return 5; }
 
 // Sets the streaming-store threshold in bytes (-1: never stream); returns the previous one.
 int64_t set_stream_bytes(int64_t bytes) {
@@ -1639,22 +1644,39 @@ int64_t set_stream_bytes(int64_t bytes) {
 
 }  // namespace
 
+// Whether the kernels can run on `t`: a CPU tensor that is no tensor subclass. A tensor on
+// another device among the arguments (e.g. a buffer left on `meta` by meta-device construction,
+// with real parameters loaded by load_state_dict(assign=True)) would make the dispatcher run the
+// op's fake kernel, which returns uninitialized memory; a __torch_dispatch__ subclass (DTensor,
+// FSDP2 and functorch-style wrappers, torch's composite-compliance tensors) has no data of its
+// own for the kernels to read.
+bool fusable(const std::optional<Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return true;
+  return t->device().is_cpu() && !t->key_set().has_any(c10::python_ks) && t->has_storage();
+}
+
 // The eager Python entry of train_forward: pybind11 costs about a microsecond per call where the
 // generic torch.ops path costs several. Returns (y, mean, var, skipped): skipped is true when
 // the guard refused to write this batch's statistics into the running buffers, so Python can
 // warn without reading a counter on every step. Tracing (torch.compile, fx) uses the op instead.
+// If any argument is not fusable (see above) nothing runs and y is undefined (None in Python):
+// the caller then takes PyTorch's own path, which handles (or reports) such tensors as torch does.
 std::tuple<Tensor, Tensor, Tensor, bool> train_forward_entry(
     const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
     const std::optional<Tensor>& num_batches_tracked,
     const std::optional<Tensor>& nonfinite_count, std::optional<double> momentum, double eps,
     bool guard) {
+  if (!fusable(input) || !fusable(weight) || !fusable(bias) || !fusable(running_mean) ||
+      !fusable(running_var) || !fusable(num_batches_tracked) || !fusable(nonfinite_count))
+    return {Tensor(), Tensor(), Tensor(), false};
   auto [y, mean, var] = call_train_forward(input, weight, bias, running_mean, running_var,
                                            num_batches_tracked, nonfinite_count, momentum, eps,
                                            guard);
   bool skipped = false;
-  if (guard && ((running_mean.has_value() && running_mean->defined()) ||
-                (running_var.has_value() && running_var->defined()))) {
+  if (guard && input.numel() > 0 &&
+      ((running_mean.has_value() && running_mean->defined()) ||
+       (running_var.has_value() && running_var->defined()))) {
     const double* mp = mean.const_data_ptr<double>();
     const double* vp = var.const_data_ptr<double>();
     for (int64_t c = 0; c < mean.numel() && !skipped; ++c)

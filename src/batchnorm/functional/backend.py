@@ -4,7 +4,8 @@
 - ``"python"``: plain torch ops with the paper's analytic backward
   (:class:`~batchnorm.functional.autograd.BatchNormFunction`), used on CPU when the kernels cannot
   be built;
-- ``"native"``: PyTorch's own ``F.batch_norm``, used on every other device (CUDA gets cuDNN).
+- ``"native"``: PyTorch's own ``F.batch_norm``, used on every other device (CUDA gets cuDNN) and
+  for tensor subclasses (DTensor and other ``__torch_dispatch__`` wrappers) on any device.
 """
 
 from __future__ import annotations
@@ -48,12 +49,13 @@ def current_backend() -> str:
 
 
 def fused_eager(x: Tensor) -> bool:
-    """True in the common case: no backend requested, a CPU tensor, the kernels loaded, not under
+    """True in the common case: no backend requested, a plain CPU tensor, the kernels loaded, not under
     ``torch.compile`` or ``torch.func.vmap``; then a training call goes straight to the kernels'
     eager entry point. (It runs on every training step, so it only reads flags.)"""
     return (
         not _override
         and _ENV_BACKEND == "auto"
+        and type(x) is Tensor
         and x.is_cpu
         and kernels.loaded()
         and not torch.compiler.is_compiling()
@@ -72,6 +74,10 @@ def select_backend(x: Tensor) -> str:
     if fused_eager(x):
         return "fused"  # the common case, checked first: this runs on every training step
     requested = current_backend()
+    if type(x) not in (Tensor, torch.nn.Parameter):
+        # A tensor subclass (DTensor, a __torch_dispatch__ wrapper): only torch's own ops go
+        # through its dispatch, whatever was requested.
+        return "native"
     if not x.is_cpu:
         # DEVIATION from "fused everywhere": there is no GPU here to test GPU kernels on, so CUDA
         # and other devices get PyTorch's own (cuDNN) kernels, whatever was requested.

@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "batchnorm_cpu.cpp"
-_ABI_VERSION = 4
+_ABI_VERSION = 5
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": None, "reason": "", "module": None}
 

@@ -26,6 +26,7 @@ from ..functional.core import (
     _train,
     check_hyperparameters,
     check_input,
+    check_momentum,
     fused_entry,
     nonfinite_message,
     update_running_stats,
@@ -65,12 +66,24 @@ class _BatchNormMixin:
             training forward normalizes with the biased σ²_B (Alg. 1), as torch does.
         guard_nonfinite: if a training batch's statistics are not finite (a NaN/inf input, an fp16
             overflow upstream), do not write them into the running statistics: skip the update,
-            count it in the ``nonfinite_skips`` buffer and warn the first time (on CPU; on other
-            devices reading the counter would synchronize every step, so check it yourself). The
-            counter is not part of the ``state_dict``, so checkpoints stay loadable into torch's
-            layers.
+            count it in ``nonfinite_skips`` and warn the first time (on CPU; on other devices
+            reading the counter would synchronize every step, so check it yourself, e.g. with
+            :func:`batchnorm.tools.nonfinite_skips`).
+
+    The layers hold exactly torch's parameters and buffers (``weight``, ``bias``, ``running_mean``,
+    ``running_var``, ``num_batches_tracked``, or ``None`` where torch has ``None``), so
+    ``state_dict``, ``.buffers()``, DDP's buffer broadcast and tools that move or count buffers see
+    torch's layer. Hence, ``eps`` and ``momentum`` follow torch's rules too: ``eps = 0`` is accepted
+    (and raises in a training forward, as torch's does); only ``eps = NaN`` and a ``momentum``
+    outside [0, 1] raise already here (see docs/differences.md).
 
     Attributes:
+        nonfinite_skips: the guard's counter, a 0-dim int64 tensor that is deliberately *not* a
+            buffer (a buffer torch's layer lacks would change ``.buffers()``, and DDP broadcasts
+            every buffer at each forward). It follows the layer across devices (``.to()``,
+            ``.cuda()``, ``to_empty()``; never to ``meta``, where it could not count) and to the
+            device of the input it counts; it is not saved in the ``state_dict`` and is reset by
+            ``reset_running_stats()``.
         freeze_stats: when True, training-mode forwards normalize with the running statistics and
             leave them untouched, while γ/β (and the input) still receive gradients — for
             fine-tuning, where ``model.train()`` would otherwise re-enable statistic updates. It
@@ -109,7 +122,9 @@ class _BatchNormMixin:
         where = f"{type(self).__name__}({num_features})"
         if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
             raise ValueError(f"{where}: num_features must be a positive int, got {num_features!r}")
-        check_hyperparameters(eps, momentum, where)
+        if eps != eps:  # NaN: torch would accept it and return NaN everywhere
+            raise ValueError(f"{where}: eps must be a number, got {eps}")
+        check_momentum(momentum, where)
         super().__init__(  # type: ignore[call-arg]
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
         )
@@ -121,11 +136,11 @@ class _BatchNormMixin:
         # Set by batchnorm.tools.accumulate_statistics: micro-batch statistics gathered here and
         # applied to the running buffers in one update (gradient accumulation).
         self._deferred: PopulationStats | None = None
-        # Not persistent: keeps state_dicts identical to torch's (strict loading both ways).
-        self.register_buffer(
-            "nonfinite_skips",
-            torch.zeros((), dtype=torch.long, device=device),
-            persistent=False,
+        # A plain attribute, not a buffer (see the class docstring); never on meta (not under a
+        # `with torch.device("meta"):` block either: hence the explicit CPU default).
+        home = torch.device(device) if device is not None else torch.device("cpu")
+        self.nonfinite_skips = torch.zeros(
+            (), dtype=torch.long, device=home if home.type != "meta" else "cpu"
         )
         if stats_mode is not None:
             self.stats_mode = stats_mode
@@ -166,6 +181,36 @@ class _BatchNormMixin:
             self._population.reset()
             self.nonfinite_skips.zero_()
 
+    # -- the non-finite counter: a plain tensor attribute that follows the layer ------------------
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)  # type: ignore[misc]
+        counter = self.__dict__.get("nonfinite_skips")
+        if isinstance(counter, Tensor):
+            # Only the device is taken from fn (the value is kept: to_empty() would make it
+            # garbage, and .type(float) a float); a move to meta leaves it where it was.
+            target = fn(counter).device
+            if target != counter.device and target.type != "meta":
+                self.nonfinite_skips = counter.to(target)
+        return self
+
+    def _counter(self, like: Tensor) -> Tensor:
+        """``nonfinite_skips``, moved first to ``like``'s device if it is elsewhere (parameters
+        and buffers loaded onto another device, e.g. by ``load_state_dict(assign=True)``)."""
+        counter = self.nonfinite_skips
+        if counter.device != like.device and like.device.type != "meta":
+            if counter.is_meta:  # (only a counter pickled on meta could be): it counted nothing
+                counter = torch.zeros((), dtype=torch.long)
+            counter = self.nonfinite_skips = counter.to(like.device)
+        return counter
+
+    def __setstate__(self, state: dict) -> None:
+        # Layers pickled before the counter left the buffers (torch.save(model) of older versions).
+        buffers = state.get("_buffers", {})
+        if "nonfinite_skips" in buffers:
+            state["nonfinite_skips"] = buffers.pop("nonfinite_skips")
+        super().__setstate__(state)  # type: ignore[misc]
+
     # -- forward -------------------------------------------------------------------------------
 
     def _where(self) -> str:
@@ -180,7 +225,10 @@ class _BatchNormMixin:
             )
 
     def _check(self, input: Tensor, batch_stats: bool) -> None:
-        """Every check of the forward, as cheap comparisons; the messages come from the slow path."""
+        """Every check of the forward, as cheap comparisons; the messages come from the slow path.
+
+        ``eps`` and ``momentum`` as torch: eps > 0 with batch statistics, eps >= 0 otherwise;
+        momentum in [0, 1] when this call updates the running statistics."""
         if not isinstance(input, Tensor):
             raise TypeError(f"{self._where()}: expected a Tensor, got {type(input).__name__}")
         shape = input.shape
@@ -192,8 +240,13 @@ class _BatchNormMixin:
         ):
             self._check_input_dim(input)
             check_input(input, self.num_features, batch_stats, self._where())
-        if not self.eps > 0 or (self.momentum is not None and not 0 <= self.momentum <= 1):
-            check_hyperparameters(self.eps, self.momentum, self._where())
+        updates = batch_stats and self.training and self.track_running_stats
+        if not self.eps > 0 or (
+            updates and self.momentum is not None and not 0 <= self.momentum <= 1
+        ):
+            check_hyperparameters(
+                self.eps, self.momentum if updates else None, self._where(), training=batch_stats
+            )
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """Normalize ``input``; with ``mask`` (bool, the input's shape without the channel
@@ -225,6 +278,7 @@ class _BatchNormMixin:
             and input.dim() in self._ndims
             and fused_eager(input)
         ):
+            skips = self.nonfinite_skips
             try:
                 y, _, _, skipped = fused_entry()(
                     input,
@@ -233,7 +287,7 @@ class _BatchNormMixin:
                     mean,
                     var,
                     buffers["num_batches_tracked"],
-                    buffers["nonfinite_skips"],
+                    skips,
                     self.momentum,
                     self.eps,
                     self.guard_nonfinite,
@@ -241,9 +295,12 @@ class _BatchNormMixin:
             except RuntimeError:
                 self._check(input, True)
                 raise
-            if skipped:
-                warn_skip(buffers["nonfinite_skips"], self._where)
-            return y
+            if y is not None:
+                if skipped:
+                    warn_skip(skips, self._where)
+                return y
+            # Refused without running (a tensor subclass among the parameters or buffers, or one
+            # on another device than the input, e.g. meta): the general path below decides.
         if mask is not None:
             return self._masked_forward(input, mask)
         batch_stats = (self.training and not self.freeze_stats) or mean is None
@@ -291,7 +348,7 @@ class _BatchNormMixin:
             self.momentum,
             self.eps,
             self.guard_nonfinite,
-            buffers["nonfinite_skips"],
+            self._counter(input),
             self._where,
         ).output
 
@@ -331,9 +388,10 @@ class _BatchNormMixin:
         first time) when the guard is on and the statistics are not finite."""
         if not self.guard_nonfinite or bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
             return True
-        if int(self.nonfinite_skips) == 0:
+        counter = self._counter(mean)
+        if int(counter) == 0:
             warnings.warn(nonfinite_message(self._where()), UserWarning, stacklevel=5)
-        self.nonfinite_skips.add_(1)
+        counter.add_(1)
         return False
 
     @torch.no_grad()
@@ -356,7 +414,8 @@ class _BatchNormMixin:
                 self.num_batches_tracked.add_(1)
             return
         # Read a CPU counter only: reading a CUDA one would synchronize every step.
-        before = int(self.nonfinite_skips) if self.guard_nonfinite and mean.is_cpu else None
+        counter = self._counter(mean)
+        before = int(counter) if self.guard_nonfinite and mean.is_cpu else None
         update_running_stats(
             mean,
             var,
@@ -364,11 +423,11 @@ class _BatchNormMixin:
             self.running_mean,
             self.running_var,
             self.num_batches_tracked,
-            self.nonfinite_skips,
+            counter,
             self.momentum,
             self.guard_nonfinite,
         )
-        if before == 0 and int(self.nonfinite_skips) > 0:
+        if before == 0 and int(counter) > 0:
             warnings.warn(nonfinite_message(self._where()), UserWarning, stacklevel=4)
 
     def extra_repr(self) -> str:

@@ -117,7 +117,7 @@ class _RenormMixin:
             self.momentum,
             self.eps,
             self.guard_nonfinite,
-            self.nonfinite_skips,
+            self._counter(input),
             self._where,
         ).output
 

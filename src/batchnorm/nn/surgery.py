@@ -99,7 +99,7 @@ def swap_class(m: nn.modules.batchnorm._BatchNorm, cls: type[nn.Module]) -> nn.M
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         new._buffers[name] = m._buffers.get(name)
     if isinstance(m, _BatchNormMixin) and isinstance(new, _BatchNormMixin):
-        new._buffers["nonfinite_skips"] = m.nonfinite_skips
+        new.nonfinite_skips = m.nonfinite_skips  # the same counter object, like the buffers
         new.guard_nonfinite, new.freeze_stats = m.guard_nonfinite, m.freeze_stats
         if m.stats_mode == "population":
             new.stats_mode = "population"

@@ -11,7 +11,8 @@
 - :func:`accumulate_statistics`: with gradient accumulation, one running-statistics update per
   effective batch instead of one per micro-batch.
 - :func:`diagnose`: per-layer health in eval mode — running statistics against the data reaching
-  each layer, dead channels, collapsed γ, non-finite state — with advice.
+  each layer, dead channels, collapsed γ, non-finite state — with advice; :func:`nonfinite_skips`:
+  each layer's count of training steps the non-finite guard skipped.
 - :func:`convert`: swap torch's BN layers for ours and back; :func:`convert_sync` /
   :func:`convert_from_sync`: to :class:`~batchnorm.nn.SyncBatchNorm` and back.
 
@@ -24,7 +25,7 @@ from ..nn.sync import convert_from_sync, convert_sync
 from ._graph import ModelTraceError
 from .accumulate import accumulate_statistics
 from .convert import bn_layers, convert, name_layers
-from .diagnose import BNHealthReport, LayerHealth, diagnose
+from .diagnose import BNHealthReport, LayerHealth, diagnose, nonfinite_skips
 from .folding import (
     ChannelAffine,
     FoldResult,
@@ -99,6 +100,7 @@ __all__ = [
     "freeze_stats",
     "internal_covariate_shift",
     "name_layers",
+    "nonfinite_skips",
     "recalibrate",
     "scale_check",
     "smoothness",

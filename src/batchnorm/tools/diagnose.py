@@ -33,7 +33,7 @@ from ..functional.steps import moments
 from .convert import bn_layers
 from .recalibration import _default_forward
 
-__all__ = ["BNHealthReport", "LayerHealth", "diagnose"]
+__all__ = ["BNHealthReport", "LayerHealth", "diagnose", "nonfinite_skips"]
 
 # Thresholds behind the verdicts (each is a judgement, stated so users can apply their own):
 STALE_SHIFT = 0.5  # running mean off the data mean by half a data standard deviation
@@ -153,6 +153,24 @@ class BNHealthReport:
         ]
         tail = ["", *(f"advice: {t}" for t in self.advice())] if not self.healthy else []
         return "\n".join([head, *rows, *tail])
+
+
+def nonfinite_skips(model: nn.Module) -> dict[str, int]:
+    """How many training steps each of our BN layers in ``model`` refused to write into its
+    running statistics because the batch statistics were not finite (the non-finite guard), by
+    qualified name (the model's class name for the model itself); layers without the guard
+    (torch's) are not listed. ``sum(nonfinite_skips(model).values()) > 0`` says whether any layer
+    skipped a step.
+
+    The counters are the layers' ``nonfinite_skips`` attributes, read afresh at each call (they are
+    not buffers, so ``named_buffers()`` does not list them). Reading a counter on a CUDA device
+    synchronizes with it.
+    """
+    return {
+        name or type(m).__name__: int(m.nonfinite_skips)
+        for name, m in model.named_modules()
+        if isinstance(getattr(m, "nonfinite_skips", None), torch.Tensor)
+    }
 
 
 def diagnose(
