@@ -34,7 +34,7 @@ def fashion(data_root):
 
 @pytest.fixture(scope="module")
 def prepared(fashion):
-    return convnet.prepare_data(fashion)
+    return convnet.EXPERIMENT.prepare(fashion, convnet.ConvnetConfig())  # the default validation
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -94,7 +94,9 @@ def test_each_network_derives_its_recipe_from_the_base():
     assert r["bn-x30"].lr == pytest.approx(30 * base.lr)
     # the ablation: every change of BN-x5 but the faster decay
     assert r["bn-x5-slow-decay"] == replace(r["bn-x5"], lr_half_life=base.lr_half_life)
-    assert tuple(n for n in convnet.NETWORKS if n != "bn-x5-slow-decay") == convnet.STUDY
+    assert tuple(n for n, net in convnet.NETWORKS.items() if not net.ablation) == convnet.STUDY
+    assert set(convnet.NETWORKS) - set(convnet.STUDY) == {"bn-accelerated", "bn-x5-slow-decay"}
+    assert r["bn-accelerated"] == convnet.accelerate(base, 1)  # the recipe; lr chosen by a study
     assert _networks(convnet.EXPERIMENT, "all") == list(
         convnet.STUDY
     )  # the paper's seven; the ablation by name
@@ -241,8 +243,11 @@ def test_every_network_of_a_seed_starts_from_the_same_convolutions():
 # -- data -----------------------------------------------------------------------------------------
 
 
-def test_prepared_data_are_standardized(prepared):
-    assert prepared.x_train.dtype == torch.uint8 and prepared.x_train.shape == (60000, 1, 28, 28)
+def test_prepared_data_are_standardized(prepared, fashion):
+    assert prepared.x_train.dtype == torch.uint8 and prepared.x_train.shape == (55000, 1, 28, 28)
+    assert prepared.x_val.shape == (5000, 1, 28, 28)  # the last 5,000 training images
+    assert torch.equal(prepared.y_val, fashion.train.labels[55_000:])
+    assert prepared.x_val.is_contiguous(memory_format=torch.channels_last)
     assert prepared.mean.item() == pytest.approx(0.286, abs=1e-3)  # the README's train statistics
     assert prepared.std.item() == pytest.approx(0.353, abs=1e-3)
     assert prepared.x_test.is_contiguous(memory_format=torch.channels_last)
@@ -708,3 +713,15 @@ def test_claims_survive_a_seed_without_a_baseline():
     study = report.Study(Path("."), [base, x5, x30, orphan], [], [])
     verdict = next(v for c, _, v in report.verdicts(study) if "starts slower" in c)
     assert verdict == "reproduced (1 point below the Baseline's best)"
+
+
+def test_a_bn_layer_that_skipped_non_finite_statistics_ends_the_run(prepared):
+    """BN's guard counts batches whose statistics overflowed instead of writing them into the
+    running statistics; the study reads that count (batchnorm.tools.nonfinite_skips) and stops."""
+    from batchnorm.experiments.runs import Ranks
+
+    task = convnet.ConvnetTask(replace(convnet.ConvnetConfig(network="bn-x5"), **TINY), prepared)
+    assert task.train_step(1, Ranks()) is None
+    layer = next(m for m in task.model.modules() if isinstance(m, BatchNorm2d))
+    layer.nonfinite_skips += 1  # as the guard does when a batch's statistics are not finite
+    assert task.train_step(2, Ranks()) == "a BN layer's batch statistics overflowed"

@@ -31,7 +31,8 @@ from batchnorm.reporting import mnist as report
 
 @pytest.fixture(scope="module")
 def mnist_data(data_root):
-    return mnist.prepare_data(data.load("mnist", data_root / "mnist", download=False))
+    dataset = data.load("mnist", data_root / "mnist", download=False)
+    return mnist.EXPERIMENT.prepare(dataset, mnist.MnistConfig())  # the default validation
 
 
 def strip_timing(records):
@@ -48,7 +49,7 @@ def records(run_dir: Path) -> list[dict]:
 
 def test_binarized_inputs(mnist_data):
     x = mnist_data.x_train
-    assert x.shape == (60000, 784) and x.dtype == torch.float32
+    assert x.shape == (50000, 784) and x.dtype == torch.float32  # 10,000 held out
     assert set(x.unique().tolist()) == {0.0, 1.0}
     assert 0.10 < x.mean().item() < 0.20  # about 19% of the pixels are >= 128
 
@@ -453,9 +454,9 @@ def test_cli_errors_speak_in_flags(tmp_path, capsys, monkeypatch, data_root):
     # sizes beyond the data: one line naming the flag (not a traceback), before any run starts
     real = ["reproduce", "mnist", "--data-dir", str(data_root / "mnist"), "--out"]
     assert main([*real, str(tmp_path / "s"), "--batch-size", "70000"]) == 2
-    assert "--batch-size = 70000 exceeds the 60000 training images" in capsys.readouterr().err
+    assert "--batch-size = 70000 exceeds the 50000 training images" in capsys.readouterr().err
     assert main([*real, str(tmp_path / "s"), "--population-batches", "100000"]) == 2
-    assert "use at most 1000" in capsys.readouterr().err
+    assert "use at most 833" in capsys.readouterr().err
     assert main([*real, str(tmp_path / "s"), "--validation", "60000"]) == 2
     assert "--validation = 60000 leaves none" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()

@@ -51,12 +51,14 @@ class Interval:
         return self.low is not None and self.low > 0
 
     def fmt(self, scale: float = 1.0, digits: int = 2, unit: str = "") -> str:
-        v = f"{scale * self.value:+.{digits}f}" if self.low is not None else f"{scale * self.value:.{digits}f}"
+        v = (
+            f"{scale * self.value:+.{digits}f}"
+            if self.low is not None
+            else f"{scale * self.value:.{digits}f}"
+        )
         if self.low is None:
             return f"{v}{unit} (n={self.n})"
-        return (
-            f"{v}{unit} [{scale * self.low:+.{digits}f}, {scale * self.high:+.{digits}f}] (n={self.n})"
-        )
+        return f"{v}{unit} [{scale * self.low:+.{digits}f}, {scale * self.high:+.{digits}f}] (n={self.n})"
 
 
 def mean_interval(values: Sequence[float], level: float = 0.95) -> Interval:

@@ -146,7 +146,7 @@ def _then(base: ConvnetConfig, seeds, decay, budgets):
 def protocol(base: ConvnetConfig, quick: bool = False) -> Protocol:
     """The study on ``base`` (the command line's other settings, such as threads); ``quick``:
     the same study at CI size (``base`` is then the --quick preset, 600 steps): 2 cells per
-    family, seeds 1 and 2, one decay and one budget point."""
+    family, seeds 1 and 2, one decay point and half the budget."""
     if quick:
         return Protocol(
             name="convnet-figure3-v1-quick",
@@ -159,7 +159,7 @@ def protocol(base: ConvnetConfig, quick: bool = False) -> Protocol:
             ),
             metric={"baseline": "val_acc", "bn": "val_acc"},
             last=2,
-            then=_then(base, (1, 2), {"bn-x5": (2.0,)}, {300: (1,)}),
+            then=_then(base, (1, 2), {"bn-x5": (2.0,)}, {base.steps // 2: (1,)}),
             rules={**RULES, "seeds": [1, 2], "last": 2},
         )
     return Protocol(

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ...tools import nonfinite_skips
 from ..common import accuracy_and_loss, population_copy
 from ..runs import DataOrder, Ranks, derive_seed
 from .config import ConvnetConfig
@@ -67,11 +68,6 @@ def population_steps(cfg: ConvnetConfig) -> set[int]:
     return {0, cfg.steps} | {next(s for s in evals if s >= k) for k in due}
 
 
-def nonfinite_skips(model: nn.Module) -> list[Tensor]:
-    """The counters of our BN layers that count skipped non-finite batch statistics."""
-    return [b for name, b in model.named_buffers() if name.endswith("nonfinite_skips")]
-
-
 class ConvnetTask:
     """The :class:`~..loop.Task` of one network of the convnet study."""
 
@@ -97,7 +93,6 @@ class ConvnetTask:
         self.order = DataOrder(
             len(d.x_train), cfg.batch_size, cfg.seed, shuffle=self.recipe.shuffle
         )
-        self.skips = nonfinite_skips(self.model)
         self.pop_steps = population_steps(cfg)
         self.loss_sum = self.correct = self.seen = 0.0
 
@@ -129,7 +124,7 @@ class ConvnetTask:
         torch.manual_seed(derive_seed(cfg.seed, *key))
         logits = self.trained(x)
         loss = ranks.loss(logits, y, len(idx))
-        overflowed = bool(self.skips) and int(torch.stack(self.skips).sum()) > 0
+        overflowed = sum(nonfinite_skips(self.model).values()) > 0
         value = loss.item()
         if ranks.world > 1:  # the mean loss of the global batch; every rank stops together
             total, flags = ranks.sum([value, float(overflowed)])
