@@ -41,6 +41,12 @@ def records(run_dir: Path) -> list[dict]:
     return runfiles.read_records(run_dir)[0]
 
 
+def run_of(out: Path, network: str) -> Path:
+    """The one run folder of ``network`` in ``out`` (its name also carries lr, half-life, budget)."""
+    (found,) = [p for p in out.glob(f"{network}_lr*_seed0") if p.is_dir()]
+    return found
+
+
 def quick(cfg: convnet.ConvnetConfig) -> convnet.ConvnetConfig:
     return convnet.EXPERIMENT.preset(cfg, "quick")
 
@@ -397,7 +403,7 @@ def test_quick_study_bn_x5_reaches_the_baseline_sooner_and_baseline_x5_fails(qui
 
 def test_quick_study_files(quick_study):
     out = quick_study
-    run_dir = out / "bn-x5_lr0.1_seed0"
+    run_dir = run_of(out, "bn-x5")
     cfg = json.loads((run_dir / "config.json").read_text())["config"]
     assert cfg["network"] == "bn-x5" and cfg["steps"] == 600
     assert cfg["recipe"]["lr"] == pytest.approx(0.1) and cfg["recipe"]["lrn"] is False
@@ -482,6 +488,17 @@ def cli(out: Path, data_root: Path, *extra: str) -> list[str]:
 ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 
 
+def run_of_soon(out: Path, network: str, proc: subprocess.Popen, timeout: float = 180) -> Path:
+    """``run_of`` once the running study has created the folder."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if list(out.glob(f"{network}_lr*_seed0")):
+            return run_of(out, network)
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError(f"no run folder of {network} after {timeout} s")
+
+
 def wait_for_records(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -517,7 +534,7 @@ def test_interrupted_study_resumes_to_the_same_metrics(sig, jobs, data_root, tmp
         start_new_session=True,  # its own process group, like a job in a terminal
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    wait_for_records(out / "bn-x5_lr0.1_seed0", 6, proc)  # a few checkpoints in
+    wait_for_records(run_of_soon(out, "bn-x5", proc), 6, proc)  # a few checkpoints in
     if sig == signal.SIGINT:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground group
     else:
@@ -531,11 +548,12 @@ def test_interrupted_study_resumes_to_the_same_metrics(sig, jobs, data_root, tmp
         cli(out, data_root, *nets), env=ENV, capture_output=True, text=True, timeout=600
     )
     assert again.returncode == 0, again.stderr
-    for name in ("bn-x5_lr0.1_seed0", "baseline_lr0.02_seed0"):
-        assert strip_timing(records(out / name)) == strip_timing(
-            records(tmp_path / "ref" / name)
-        ), name
-    sessions = json.loads((out / "bn-x5_lr0.1_seed0" / "env.json").read_text())["sessions"]
+    for network in ("bn-x5", "baseline"):
+        run = run_of(out, network)
+        assert strip_timing(records(run)) == strip_timing(
+            records(tmp_path / "ref" / run.name)
+        ), network
+    sessions = json.loads((run_of(out, "bn-x5") / "env.json").read_text())["sessions"]
     assert len(sessions) == 2 and sessions[1]["resumed_from_step"] > 0
     assert not list(out.rglob("*.part"))
 

@@ -163,8 +163,9 @@ def test_convnet_with_sync_bn_on_two_processes_follows_the_single_process_run(da
     args += ["--data-dir", str(data_root / "fashion-mnist")]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     finish(torchrun([*args, "--out", str(tmp_path / "two")], tmp_path))
-    one = runfiles.read_records(tmp_path / "one" / "bn-x5_lr0.1_seed0")[0]
-    two = runfiles.read_records(tmp_path / "two" / "bn-x5_lr0.1_seed0")[0]
+    (name,) = [p.name for p in (tmp_path / "one").glob("bn-x5_*") if p.is_dir()]
+    one = runfiles.read_records(tmp_path / "one" / name)[0]
+    two = runfiles.read_records(tmp_path / "two" / name)[0]
     assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 1, 2, 3, 4]
     for a, b in zip(one[1:], two[1:], strict=True):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4), a["step"]

@@ -146,8 +146,9 @@ def _first_step(steps: Sequence[int], values: Sequence[float], threshold: float)
 def _drift(run: Run, net: str) -> dict[str, float]:
     """How much the percentiles of the last hidden layer's sigmoid inputs move during training.
 
-    Over every evaluation after step 0: the range (max − min) of the median, and the range of the
-    15–85 spread, for the documented unit and averaged over all units of the layer.
+    After step 0: the range (max − min) of the median, and the range of the 15–85 spread, for
+    the documented unit (every evaluation) and averaged over all units of the layer (at the
+    evaluations that record them, every ``layer_every`` steps and the last).
     """
     recs = [r for r in run.records if r["step"] > 0]
     if not recs:
@@ -163,11 +164,13 @@ def _drift(run: Run, net: str) -> dict[str, float]:
         "unit_spread_range": unit_spread,
         "unit_final": [recs[-1][f"unit_p{q}_{net}"] for q in (15, 50, 85)],
     }
-    if f"layer_p50_{net}" not in recs[0]:  # read from metrics.csv, which has no per-unit lists
+    # every unit's percentiles are recorded every layer_every steps (metrics.csv has none)
+    layer = [r for r in recs if f"layer_p50_{net}" in r]
+    if len(layer) < 2:
         return out
-    units = len(recs[0][f"layer_p50_{net}"])
+    units = len(layer[0][f"layer_p50_{net}"])
     per_unit = [
-        ranges(*([r[f"layer_p{q}_{net}"][u] for r in recs] for q in (15, 50, 85)))
+        ranges(*([r[f"layer_p{q}_{net}"][u] for r in layer] for q in (15, 50, 85)))
         for u in range(units)
     ]
     out["layer_median_range"] = statistics.fmean(p[0] for p in per_unit)

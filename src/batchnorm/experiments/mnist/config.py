@@ -72,7 +72,6 @@ class MnistConfig(Config):
         "steps between records of every last-layer unit's percentiles (the drawn unit's: every "
         "evaluation)",
         check=positive_int,
-        cli=False,
     )
     probe_unit: int = param(0, "the last-hidden-layer unit drawn in Figure 1(b, c)", cli=False)
     probe_examples: int = param(
