@@ -550,8 +550,8 @@ def test_interrupted_study_resumes_to_the_same_metrics(sig, jobs, data_root, tmp
     assert again.returncode == 0, again.stderr
     for network in ("bn-x5", "baseline"):
         run = run_of(out, network)
-        ref = records(tmp_path / "ref" / run.name)
-        assert strip_timing(records(run)) == strip_timing(ref), network
+        expected = records(tmp_path / "ref" / run.name)
+        assert strip_timing(records(run)) == strip_timing(expected), network
     sessions = json.loads((run_of(out, "bn-x5") / "env.json").read_text())["sessions"]
     assert len(sessions) == 2 and sessions[1]["resumed_from_step"] > 0
     assert not list(out.rglob("*.part"))
