@@ -683,4 +683,8 @@ def write_reports(folder: str | Path, runs: Sequence[runfiles.RunFiles] | None =
         write_run_report(p)
     if (folder / runfiles.CONFIG).is_file():
         return pairs[0].path / "report.md"
+    if "protocol" in runfiles.read_study(folder):  # the pre-registered study
+        from .mnist_study import write_study_report
+
+        return write_study_report(folder, runs or runfiles.find_runs(folder))
     return write_sweep_report(folder, pairs)
