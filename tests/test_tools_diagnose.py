@@ -115,3 +115,15 @@ def test_errors_and_restoration_on_failure():
         diagnose(model, broken())
     assert all(m.training for m in model.modules())
     assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_the_batch_limit_is_applied_and_said():
+    model = _calibrated()
+    capped = diagnose(model, _data(12))  # the default: the first 10 batches
+    assert capped.batches == 10 and capped["1"].samples == 10 * 16 * 6 * 6
+    assert "over 10 batch(es) (the first 10: num_batches=10; num_batches=None uses all)" in str(
+        capped
+    )
+    whole = diagnose(model, _data(4))  # fewer than the limit: all of them, no note
+    assert whole.batches == 4 and "the first" not in str(whole)
+    assert diagnose(model, _data(12), num_batches=None).batches == 12

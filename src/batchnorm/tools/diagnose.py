@@ -108,6 +108,7 @@ class BNHealthReport:
 
     batches: int
     layers: tuple[LayerHealth, ...]
+    limit: int | None = None  # num_batches, if the stream was cut there
 
     def __getitem__(self, name: str) -> LayerHealth:
         for layer in self.layers:
@@ -140,10 +141,15 @@ class BNHealthReport:
             )
         return tips
 
+    def _cut(self) -> str:
+        if self.limit is None:
+            return ""
+        return f" (the first {self.limit}: num_batches={self.limit}; num_batches=None uses all)"
+
     def __str__(self) -> str:
         width = max([len(x.name) for x in self.layers] + [5])
         head = (
-            f"BN health over {self.batches} batch(es), eval mode\n"
+            f"BN health over {self.batches} batch(es){self._cut()}, eval mode\n"
             f"  {'layer':<{width}}  {'samples':>8}  {'mean shift σ':>12}  {'std ratio':>9}  problems"
         )
         rows = [
@@ -186,7 +192,8 @@ def diagnose(
         model: the model as it will be used for inference.
         batches: input batches: tensors or ``(input, target, ...)`` tuples, e.g. a DataLoader
             over held-out or training data.
-        num_batches: use at most this many batches (``None``: all).
+        num_batches: use at most this many batches (default 10: a few batches estimate the
+            statistics well; ``None``: all). The report says when it stopped there.
         forward: how a batch is fed to the model (default: ``model(batch)`` or
             ``model(batch[0])``).
 
@@ -231,9 +238,11 @@ def diagnose(
             m.training = mode
     if drawn == 0:
         raise ValueError("diagnose: the batch stream was empty")
+    cut = num_batches if num_batches is not None and drawn == num_batches else None
     return BNHealthReport(
         drawn,
         tuple(_layer_health(name, bn, acc) for (name, bn), acc in zip(layers, accs, strict=True)),
+        cut,
     )
 
 
