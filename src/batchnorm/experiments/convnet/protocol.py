@@ -3,7 +3,9 @@
 
 Written before the first full run and not changed after it (the report names the commit that
 last changed this file; :mod:`batchnorm.experiments.protocol`). The rules the report applies are
-:data:`RULES`, implemented in :mod:`batchnorm.reporting.convnet_study`.
+:data:`RULES`; the report that applies them to a finished study is still to be written
+(issue 21): until then ``batchnorm report`` shows a convnet study's runs with the per-network
+report, without the verdicts below.
 """
 
 from __future__ import annotations
