@@ -275,6 +275,7 @@ def test_fuzz_layers_against_torch_and_float64(cfg):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~3 min on a quiet 2-core machine; 10+ when it shares the cores
 @settings(FUZZ, max_examples=50000)
 @given(configs())
 def test_fuzz_layers_against_torch_and_float64_many(cfg):
