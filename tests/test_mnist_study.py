@@ -128,6 +128,9 @@ def test_drift_after_the_accuracy_threshold_and_over_the_whole_run():
                 "layer_p50": [med, -med],
                 "layer_p15": [med - 1, -med - 2],
                 "layer_p85": [med + 1, -med + 2],
+                "unit_p15": med - 1,
+                "unit_p50": med,
+                "unit_p85": med + 1,
             }
         )
     recs.append({"step": 400, "val_acc": 0.96})  # an evaluation without the layer's percentiles
@@ -135,6 +138,7 @@ def test_drift_after_the_accuracy_threshold_and_over_the_whole_run():
     assert d.reached == 200
     assert d.whole_median == pytest.approx(2.0)  # steps 100-300: 3.0 - 1.0 (step 0 excluded)
     assert d.after_median == pytest.approx(0.5) and d.after_spread == pytest.approx(0.0)
+    assert d.unit_median == pytest.approx(2.0) and d.unit_spread == pytest.approx(0.0)
     never = study_report.drift(_run(recs), "val_acc", 0.99)
     assert never.reached is None and never.after_median is None
     assert study_report._ratio(None, 1.0) is None and study_report._ratio(2.0, 0.0) > 1e9
