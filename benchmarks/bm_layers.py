@@ -38,6 +38,9 @@ the architectures below (no torchvision needed); a 3-D U-Net's two levels; a 1-D
     python benchmarks/bm_layers.py                    # 1 and 2 threads, all shapes
     python benchmarks/bm_layers.py --quick --threads 1
     python benchmarks/bm_layers.py --markdown out.md  # also write the table
+
+The default run (91 shapes, 7 rounds, 1 and 2 threads) takes about 10 minutes on 2 cores, of which
+Inductor's compiles take about 6 with an empty cache (its on-disk cache makes reruns faster).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import argparse
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -225,6 +229,11 @@ def load_average() -> str:
 # --- the variants -----------------------------------------------------------------------------
 
 
+def _minor_faults() -> int:
+    """Page faults of this process so far that needed no I/O (first touches of fresh pages)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _graph_breaks() -> int:
     return sum(torch._dynamo.utils.counters["graph_break"].values())
 
@@ -250,8 +259,11 @@ def _compiled(layer: nn.Module, step: Callable[[nn.Module], None]) -> tuple[obje
         return None, f"{note}; compile failed ({type(exc).__name__}: {str(exc)[:80]})"
 
 
-def bench_shape(spec: Shape, rounds: int, budget: float) -> tuple[dict[str, float | None], str]:
-    """Median seconds per call of each variant (None where it could not run), and notes."""
+def bench_shape(
+    spec: Shape, rounds: int, budget: float
+) -> tuple[dict[str, float | None], dict[str, float | None], str]:
+    """Median seconds per call of each variant (None where it could not run), its mean page
+    faults per call, and notes."""
     fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
     x = torch.randn(spec.shape).contiguous(memory_format=fmt).requires_grad_()
     g = torch.randn(spec.shape).contiguous(memory_format=fmt)
@@ -319,20 +331,23 @@ def bench_shape(spec: Shape, rounds: int, budget: float) -> tuple[dict[str, floa
         calls[name] = max(1, min(2000, round(budget / one)))
         clear(name)
     samples: dict[str, list[float]] = {k: [] for k in fns}
+    faults: dict[str, float | None] = dict.fromkeys(VARIANTS)
     names = list(fns)
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             fn, n = fns[name], calls[name]
+            f0 = _minor_faults()
             t0 = time.perf_counter()
             for _ in range(n):
                 fn()
             samples[name].append((time.perf_counter() - t0) / n)
+            faults[name] = (faults[name] or 0.0) + (_minor_faults() - f0) / (n * rounds)
             clear(name)  # the last call's gradients are not left for the next variant
     if _unique_graphs() != graphs_after_compile:
         notes.append(f"recompiled while timed ({_unique_graphs() - graphs_after_compile} graphs)")
-    result: dict[str, float | None] = dict.fromkeys(VARIANTS)
-    result.update({k: statistics.median(v) for k, v in samples.items()})
-    return result, "; ".join(notes).replace("|", "/")
+    times: dict[str, float | None] = dict.fromkeys(VARIANTS)
+    times.update({k: statistics.median(v) for k, v in samples.items()})
+    return times, faults, "; ".join(notes).replace("|", "/")
 
 
 # --- the table --------------------------------------------------------------------------------
@@ -367,37 +382,52 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="5 shapes instead of all")
     ap.add_argument("--threads", default="1,2", help="comma list of thread counts")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--budget", type=float, default=0.02, help="seconds per timing sample")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--budget", type=float, default=0.03, help="seconds per timing sample")
     ap.add_argument("--markdown", help="also write the table to this file")
+    ap.add_argument(
+        "--stream-bytes",
+        type=int,
+        help="a diagnostic: our kernels' streaming-store threshold (kernels.set_stream_bytes; "
+        "-1: never); default: the library's",
+    )
     args = ap.parse_args()
     if not kernels.available():
         raise SystemExit(f"cannot benchmark: {kernels.status()}")
+    if args.stream_bytes is not None:
+        kernels.set_stream_bytes(None if args.stream_bytes < 0 else args.stream_bytes)
+    stream = kernels.set_stream_bytes(None)  # (no getter: read it by setting it, then restore)
+    kernels.set_stream_bytes(stream)
     started = time.perf_counter()
     first_use = first_use_check()
     shapes = quick_shapes() if args.quick else all_shapes()
     threads = [int(t) for t in args.threads.split(",")]
     lines = [
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; CPU: {cpu_description()}",
-        f"torch {torch.__version__}; {kernels.status()}; threads {args.threads}; malloc: glibc "
+        f"torch {torch.__version__}; {kernels.status()}; our streaming stores: "
+        f"{'never' if stream is None else f'outputs of {stream} bytes or more'}; threads "
+        f"{args.threads}; malloc: glibc "
         f"defaults (no mallopt); {len(shapes)} shapes, {args.rounds} rounds, budget "
         f"{args.budget} s per sample; load average at start {load_average()}",
         f"`torch.compile(batchnorm.BatchNorm2d(8), fullgraph=True)` in a fresh process, before "
         f"any eager call: {first_use}",
         "",
         "Times are ms per `layer(x).backward(g)` (training mode, .grad set to None before each "
-        "call); ratios are time over time (above 1: the second is faster).",
+        "call), medians over the rounds; ratios are time over time (above 1: the second is "
+        "faster); page faults are the process's minor faults per call, mostly the first touch "
+        "of the 4 KiB pages of freshly mapped outputs.",
         "",
         "| group | shape | nets | thr | torch eager ms | torch comp ms | ours eager ms "
-        "| ours comp ms | " + " | ".join(RATIOS) + " | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ours comp ms | " + " | ".join(RATIOS) + " | page faults per call, thousands (same "
+        "order) | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
     ratios: dict[tuple[str, int, str], list[tuple[float, str]]] = {}
     for thr in threads:
         torch.set_num_threads(thr)
         for spec in shapes:
-            t, notes = bench_shape(spec, args.rounds, args.budget)
+            t, faults, notes = bench_shape(spec, args.rounds, args.budget)
             cells = []
             for name, (num, den) in RATIOS.items():
                 r = _ratio(t[num], t[den])
@@ -407,7 +437,11 @@ def main() -> None:
             line = (
                 f"| {spec.group} | {spec.label()} | {', '.join(spec.nets)} | {thr} | "
                 + " | ".join(_ms(t[v]) for v in VARIANTS)
-                + f" | {' | '.join(cells)} | {notes} |"
+                + f" | {' | '.join(cells)} | "
+                + " / ".join(
+                    "–" if faults[v] is None else f"{faults[v] / 1e3:.1f}" for v in VARIANTS
+                )
+                + f" | {notes} |"
             )
             lines.append(line)
             print(line, flush=True)
