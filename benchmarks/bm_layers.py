@@ -64,6 +64,7 @@ import batchnorm
 from batchnorm.functional import kernels
 
 VARIANTS = ("torch eager", "torch comp", "ours eager", "ours comp")
+COMPILE_SECONDS = {"torch comp": 0.0, "ours comp": 0.0}  # summed over the run, for its summary
 GROUPS = ("NCHW", "channels_last", "2-D/1-D", "3-D")
 
 
@@ -298,6 +299,7 @@ def bench_shape(
             t0 = time.perf_counter()
             module, note = _compiled(layer, step)
             compile_s = time.perf_counter() - t0
+            COMPILE_SECONDS[name] += compile_s
             if note:
                 notes.append(f"{name}: {note}")
             if module is None:
@@ -308,7 +310,7 @@ def bench_shape(
         fns[name] = lambda step=step, module=module: step(module)
     graphs_after_compile = _unique_graphs()
 
-    # one warm-up call each; it checks the outputs and gradients against torch's eager layer
+    # one warm-up call each, which checks the gradients (x, γ, β) against torch's eager layer
     reference = None
     for name, fn in fns.items():
         clear(name)
@@ -477,7 +479,9 @@ def main() -> None:
         f"Cells where ours eager is slower than torch eager or torch compiled: {len(below)}"
         + "".join(f"\n- {g} {s}, {thr} thr: {n} {r:.2f}" for r, n, g, thr, s in below),
         "",
-        f"Total {time.perf_counter() - started:.0f} s; load average at end {load_average()}",
+        f"Total {time.perf_counter() - started:.0f} s, of which compiling (torch.compile's first "
+        f"call, forward and backward) {COMPILE_SECONDS['torch comp']:.0f} s for torch's module "
+        f"and {COMPILE_SECONDS['ours comp']:.0f} s for ours; load average at end {load_average()}",
     ]
     lines += summary
     print("\n".join(summary), flush=True)
