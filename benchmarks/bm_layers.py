@@ -260,6 +260,21 @@ def _compiled(layer: nn.Module, step: Callable[[nn.Module], None]) -> tuple[obje
         return None, f"{note}; compile failed ({type(exc).__name__}: {str(exc)[:80]})"
 
 
+# Normwise relative error ‖a − ref‖/‖ref‖ allowed in a float32 gradient. Rounding gives 1e-7 to
+# 1e-5 here (torch's own dβ on 32×32×112×112 channels_last: 2e-5, summing 401,408 values per
+# channel); an error in the math gives O(1).
+GRAD_TOLERANCE = 1e-4
+
+
+def _float64_gradients(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """dx, dγ, dβ of training-mode BN (γ = 1, β = 0, as the layers start) in float64."""
+    xd = x.detach().double().requires_grad_()
+    w = torch.ones(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    torch.nn.functional.batch_norm(xd, None, None, w, b, training=True).backward(g.double())
+    return xd.grad, w.grad, b.grad
+
+
 def bench_shape(
     spec: Shape, rounds: int, budget: float
 ) -> tuple[dict[str, float | None], dict[str, float | None], str]:
@@ -310,20 +325,18 @@ def bench_shape(
         fns[name] = lambda step=step, module=module: step(module)
     graphs_after_compile = _unique_graphs()
 
-    # one warm-up call each, which checks the gradients (x, γ, β) against torch's eager layer
-    reference = None
+    # one warm-up call each, which checks the gradients (x, γ, β) against float64
+    oracle = _float64_gradients(x, g)
     for name, fn in fns.items():
         clear(name)
         fn()
         layer = layers[name]
-        got = (x.grad.detach().clone(), layer.weight.grad.clone(), layer.bias.grad.clone())
-        if reference is None:
-            reference = got
-        else:
-            for what, a, b in zip(("dx", "dγ", "dβ"), got, reference, strict=True):
-                if not torch.allclose(a, b, rtol=1e-3, atol=1e-3):
-                    diff = (a - b).abs().max().item()
-                    notes.append(f"{name}: {what} differs from torch eager by {diff:.2e}")
+        got = (x.grad, layer.weight.grad, layer.bias.grad)
+        for what, a, ref in zip(("dx", "dγ", "dβ"), got, oracle, strict=True):
+            err = ((a.double() - ref).norm() / ref.norm()).item()
+            if not err <= GRAD_TOLERANCE:
+                notes.append(f"{name}: {what} off float64 by {err:.1e} (normwise)")
+    del oracle
     # calibrate once: calls per sample so that a sample fills the budget (at least one call)
     calls: dict[str, int] = {}
     for name, fn in fns.items():
