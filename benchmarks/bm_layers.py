@@ -401,6 +401,11 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.03, help="seconds per timing sample")
     ap.add_argument("--markdown", help="also write the table to this file")
     ap.add_argument(
+        "--shapes",
+        help="only these shapes, comma-separated (e.g. 32x64x112x112,8192x1024), in every "
+        "layout they appear in",
+    )
+    ap.add_argument(
         "--stream-bytes",
         type=int,
         help="a diagnostic: our kernels' streaming-store threshold (kernels.set_stream_bytes; "
@@ -416,6 +421,9 @@ def main() -> None:
     started = time.perf_counter()
     first_use = first_use_check()
     shapes = quick_shapes() if args.quick else all_shapes()
+    if args.shapes:
+        wanted = {w.strip().replace("x", "×") for w in args.shapes.split(",")}
+        shapes = [s for s in shapes if s.label() in wanted]
     threads = [int(t) for t in args.threads.split(",")]
     lines = [
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; CPU: {cpu_description()}",
