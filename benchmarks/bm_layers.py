@@ -416,6 +416,9 @@ def main() -> None:
         raise SystemExit(f"cannot benchmark: {kernels.status()}")
     if args.stream_bytes is not None:
         kernels.set_stream_bytes(None if args.stream_bytes < 0 else args.stream_bytes)
+    # the script never calls mallopt; glibc's tunables in the environment still apply
+    tunables = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")]
+    malloc = "glibc defaults (no mallopt)" if not tunables else "glibc with " + " ".join(tunables)
     stream = kernels.set_stream_bytes(None)  # (no getter: read it by setting it, then restore)
     kernels.set_stream_bytes(stream)
     started = time.perf_counter()
@@ -429,8 +432,7 @@ def main() -> None:
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; CPU: {cpu_description()}",
         f"torch {torch.__version__}; {kernels.status()}; our streaming stores: "
         f"{'never' if stream is None else f'outputs of {stream} bytes or more'}; threads "
-        f"{args.threads}; malloc: glibc "
-        f"defaults (no mallopt); {len(shapes)} shapes, {args.rounds} rounds, budget "
+        f"{args.threads}; malloc: {malloc}; {len(shapes)} shapes, {args.rounds} rounds, budget "
         f"{args.budget} s per sample; load average at start {load_average()}",
         f"`torch.compile(batchnorm.BatchNorm2d(8), fullgraph=True)` in a fresh process, before "
         f"any eager call: {first_use}",
