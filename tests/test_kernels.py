@@ -333,6 +333,43 @@ def test_stream_threshold_comes_from_the_environment_and_rejects_nonsense():
         kernels.set_stream_bytes(old)
 
 
+def test_stream_limit_comes_from_the_environment_and_rejects_nonsense():
+    code = (
+        "from batchnorm.functional import kernels\n"
+        "print(kernels.set_stream_max_bytes(None), kernels.set_stream_max_bytes(8))\n"
+    )
+    for env_value, want in (("123", "123 None"), ("-1", "None None"), ("", f"{32 << 20} None")):
+        env = {**os.environ, "BATCHNORM_STREAM_MAX_BYTES": env_value}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        assert out.stdout.split("\n")[-2] == want
+    old = kernels.set_stream_max_bytes(None)
+    try:
+        with pytest.raises(RuntimeError, match="byte count or -1"):
+            kernels.set_stream_max_bytes(-5)
+    finally:
+        kernels.set_stream_max_bytes(old)
+
+
+def test_outputs_above_the_stream_limit_are_the_same_bit_for_bit():
+    """A 33.6 MB output, streamed (no limit) and not (the default limit of 32 MiB)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 64, 128, 128, generator=gen) * 2 + 5
+    g = torch.randn(x.shape, generator=gen)
+    w, b = torch.randn(64, generator=gen), torch.randn(64, generator=gen)
+    assert x.numel() * 4 >= 32 << 20
+    old = kernels.set_stream_max_bytes(None)
+    try:
+        streamed = _all_outputs(x, g, w, b)
+        kernels.set_stream_max_bytes(32 << 20)
+        plain = _all_outputs(x, g, w, b)
+    finally:
+        kernels.set_stream_max_bytes(old)
+    for a, c in zip(streamed, plain, strict=True):
+        assert torch.equal(a, c)
+
+
 def test_the_kernels_refuse_bad_settings_before_writing_anything():
     x = torch.randn(4, 3)
     rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.zeros((), dtype=torch.long)

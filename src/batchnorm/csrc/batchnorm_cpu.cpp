@@ -185,6 +185,20 @@ std::atomic<int64_t>& stream_threshold() {
   return bytes;
 }
 
+// ... and outputs of this many bytes or more are not (-1: no limit): 32 MiB unless
+// BATCHNORM_STREAM_MAX_BYTES says otherwise; the op set_stream_max_bytes changes it. glibc's
+// malloc serves every allocation above its mmap threshold (which grows to at most 32 MiB) with a
+// fresh mapping, so such an output's pages are faulted in and zeroed by the kernel on first
+// write; streaming stores into those pages measured 1.3-1.5x slower than ordinary ones (Intel
+// Xeon, benchmarks/bm_layers.py --stream-bytes), while into reused pages they are 1.2-1.6x faster.
+std::atomic<int64_t>& stream_limit() {
+  static std::atomic<int64_t> bytes{[] {
+    const char* e = std::getenv("BATCHNORM_STREAM_MAX_BYTES");
+    return e != nullptr && *e != '\0' ? std::atoll(e) : int64_t{32} << 20;
+  }()};
+  return bytes;
+}
+
 template <typename F>
 void parallel(int64_t n, int64_t total_values, const F& f) {
   if (total_values < kSerialBelow || n <= 1 || at::get_num_threads() == 1) {
@@ -796,12 +810,14 @@ inline void write_run(T* __restrict q, int64_t n, bool stream, const F& f, const
 }
 
 // Whether a pass writing `out` with geometry g streams: float32 or 16-bit, at least
-// stream_threshold() bytes, and for the rows layout every row starting 64-byte aligned.
+// stream_threshold() and less than stream_limit() bytes, and for the rows layout every row starting 64-byte aligned.
 template <typename T>
 inline bool stream_output(const T* out, const Geometry& g) {
   if (std::is_same_v<T, double> || !kCanStream) return false;
   const int64_t threshold = stream_threshold().load(std::memory_order_relaxed);
-  if (threshold < 0 || g.total() * static_cast<int64_t>(sizeof(T)) < threshold) return false;
+  const int64_t limit = stream_limit().load(std::memory_order_relaxed);
+  const int64_t bytes = g.total() * static_cast<int64_t>(sizeof(T));
+  if (threshold < 0 || bytes < threshold || (limit >= 0 && bytes >= limit)) return false;
   return g.layout == Layout::Planar ||
          ((g.C * static_cast<int64_t>(sizeof(T))) % 64 == 0 && aligned64(out));
 }
@@ -1634,12 +1650,19 @@ std::tuple<Tensor, Tensor, Tensor> train_forward_autograd(
   return out;
 }
 
-int64_t abi_version() { return 5; }
+int64_t abi_version() { return 6; }
 
 // Sets the streaming-store threshold in bytes (-1: never stream); returns the previous one.
 int64_t set_stream_bytes(int64_t bytes) {
   TORCH_CHECK(bytes >= -1, "batchnorm: set_stream_bytes takes a byte count or -1, got ", bytes);
   return stream_threshold().exchange(bytes);
+}
+
+// Sets the size from which outputs are no longer streamed (-1: no limit); returns the previous.
+int64_t set_stream_max_bytes(int64_t bytes) {
+  TORCH_CHECK(bytes >= -1, "batchnorm: set_stream_max_bytes takes a byte count or -1, got ",
+              bytes);
+  return stream_limit().exchange(bytes);
 }
 
 }  // namespace
@@ -1703,6 +1726,7 @@ TORCH_LIBRARY(batchnorm, m) {
       "Tensor? weight, Tensor sum_g, Tensor sum_gc, int count, float eps) -> Tensor");
   m.def("abi_version() -> int", &abi_version);
   m.def("set_stream_bytes(int bytes) -> int", &set_stream_bytes);
+  m.def("set_stream_max_bytes(int bytes) -> int", &set_stream_max_bytes);
 }
 
 TORCH_LIBRARY_IMPL(batchnorm, CPU, m) {

@@ -24,6 +24,8 @@ Environment variables:
   build kernels that run on other machines sharing the cache).
 - ``BATCHNORM_STREAM_BYTES``: float32 and 16-bit outputs (y, dx) of at least this many bytes are
   written with streaming stores (default 8 MiB; ``-1``: never); see :func:`set_stream_bytes`.
+- ``BATCHNORM_STREAM_MAX_BYTES``: ... unless they are this large or larger (default 32 MiB;
+  ``-1``: no limit); see :func:`set_stream_max_bytes`.
 """
 
 from __future__ import annotations
@@ -57,11 +59,12 @@ __all__ = [
     "module",
     "needs_build",
     "set_stream_bytes",
+    "set_stream_max_bytes",
     "status",
 ]
 
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "batchnorm_cpu.cpp"
-_ABI_VERSION = 5
+_ABI_VERSION = 6
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": None, "reason": "", "module": None}
 
@@ -289,4 +292,23 @@ def set_stream_bytes(nbytes: int | None) -> int | None:
     if not load():
         raise RuntimeError(status())
     old = torch.ops.batchnorm.set_stream_bytes(-1 if nbytes is None else int(nbytes))
+    return None if old < 0 else old
+
+
+def set_stream_max_bytes(nbytes: int | None) -> int | None:
+    """Write outputs of ``nbytes`` bytes or more with ordinary stores again, however large
+    (``None``: no upper limit). Returns the previous setting.
+
+    glibc's malloc (what a PyTorch process allocates with) gives every allocation above its
+    mmap threshold, which grows to at most 32 MiB, a fresh mapping, so the kernel faults in and
+    zeroes each page of such an output as it is first written; streaming stores into those pages
+    measured 1.3–1.5× slower than ordinary ones, against 1.2–1.6× faster into reused pages
+    (``benchmarks/bm_layers.py --stream-bytes``, ``benchmarks/README.md``). Hence the default
+    of 32 MiB (``BATCHNORM_STREAM_MAX_BYTES``). A program whose large allocations reuse their
+    pages (``MALLOC_MMAP_MAX_=0``, jemalloc, tcmalloc) can lift it with ``None``. Results are the
+    same either way, bit for bit.
+    """
+    if not load():
+        raise RuntimeError(status())
+    old = torch.ops.batchnorm.set_stream_max_bytes(-1 if nbytes is None else int(nbytes))
     return None if old < 0 else old
