@@ -422,6 +422,8 @@ def main() -> None:
     malloc = "glibc defaults (no mallopt)" if not tunables else "glibc with " + " ".join(tunables)
     stream = kernels.set_stream_bytes(None)  # (no getter: read it by setting it, then restore)
     kernels.set_stream_bytes(stream)
+    limit = kernels.set_stream_max_bytes(None)
+    kernels.set_stream_max_bytes(limit)
     started = time.perf_counter()
     first_use = first_use_check()
     shapes = quick_shapes() if args.quick else all_shapes()
@@ -432,7 +434,8 @@ def main() -> None:
     lines = [
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; CPU: {cpu_description()}",
         f"torch {torch.__version__}; {kernels.status()}; our streaming stores: "
-        f"{'never' if stream is None else f'outputs of {stream} bytes or more'}; threads "
+        f"{'never' if stream is None else f'outputs of {stream} bytes or more'}"
+        f"{'' if limit is None or stream is None else f' and less than {limit}'}; threads "
         f"{args.threads}; malloc: {malloc}; {len(shapes)} shapes, {args.rounds} rounds, budget "
         f"{args.budget} s per sample; load average at start {load_average()}",
         f"`torch.compile(batchnorm.BatchNorm2d(8), fullgraph=True)` in a fresh process, before "

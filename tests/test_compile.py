@@ -1,5 +1,8 @@
 """torch.compile traces our layers in one graph (fake kernels registered for every op)."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -43,6 +46,32 @@ def test_compiled_training_matches_torch():
     ref.eval()
     x = torch.randn(4, 3, 8, 8)
     torch.testing.assert_close(compiled(x), ref(x), **TORCH_AGREEMENT)
+
+
+def test_fullgraph_compile_before_any_eager_call_in_a_fresh_process():
+    """Compiling first (the kernels not loaded yet) traces the portable path in one graph."""
+    code = """
+import torch, batchnorm
+from batchnorm.functional import kernels
+torch.manual_seed(0)
+ours = batchnorm.BatchNorm2d(8)
+ref = batchnorm.convert(ours, to="torch")
+compiled = torch.compile(ours, fullgraph=True)
+x = torch.randn(4, 8, 5, 5) * 3 + 2
+g = torch.randn(4, 8, 5, 5)
+y, y_ref = compiled(x), ref(x)
+assert not kernels.loaded()
+torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+(y * g).sum().backward()
+(y_ref * g).sum().backward()
+for a, b in ((ours.weight, ref.weight), (ours.bias, ref.bias)):
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4)
+torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+assert int(ours.num_batches_tracked) == 1
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
 @pytest.mark.parametrize(

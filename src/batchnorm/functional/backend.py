@@ -84,8 +84,14 @@ def select_backend(x: Tensor) -> str:
         return "native"
     if requested == "auto":
         # (torch.compile traces the registered op and must not trace functorch's internals)
-        vmap = not torch.compiler.is_compiling() and _under_vmap()
-        return "fused" if kernels.load() and not vmap else "python"
+        compiling = torch.compiler.is_compiling()
+        vmap = not compiling and _under_vmap()
+        if kernels.load() and not vmap:
+            return "fused"
+        # torch.compile cannot trace the portable path's autograd.Function (it defines a jvp):
+        # compiled without the kernels (not loaded yet, or unavailable), a call takes torch's
+        # own batch norm, with our semantics (the native backend)
+        return "native" if compiling else "python"
     if requested == "fused" and not kernels.load():
         raise RuntimeError(f"the fused backend was requested but {kernels.status()}")
     return requested

@@ -298,11 +298,13 @@ def _train(
             momentum,
             guard,
         )
-        # Only on CPU: reading a CUDA value would synchronize every step.
+        # Only on CPU: reading a CUDA value would synchronize every step; not while
+        # torch.compile traces (a data-dependent branch; the fused op does not warn there either)
         skipped = (
             guard
             and (running_mean is not None or running_var is not None)
             and x.is_cpu
+            and not torch.compiler.is_compiling()
             and not bool(torch.isfinite(mean).all() & torch.isfinite(var).all())
         )
     if skipped:

@@ -156,6 +156,10 @@ def load() -> bool:
     """Load (building if needed) the fused kernels; True if they are usable. Thread-safe, cached."""
     if _state["loaded"] is not None:  # the common case, and all torch.compile has to trace
         return bool(_state["loaded"])
+    if torch.compiler.is_compiling():
+        # Loading (maybe building) cannot be traced: a graph traced before the first eager call
+        # uses the portable path (a graph break here would fail torch.compile(fullgraph=True)).
+        return False
     return _load_once()
 
 
@@ -275,6 +279,8 @@ def status() -> str:
     """One line on the kernels: where they live, or why they are not used."""
     if load():
         return f"fused CPU kernels loaded from {build_dir()}"
+    if _state["loaded"] is None:  # asked while torch.compile traces, before any eager call
+        return "fused CPU kernels not loaded yet (torch.compile cannot load them while tracing)"
     return f"fused CPU kernels unavailable: {_state['reason']}"
 
 
