@@ -314,42 +314,31 @@ def test_large_outputs_match_float64_and_the_unstreamed_path(case, dtype, thread
     torch.testing.assert_close(db.double(), db_ref, rtol=1e-5, atol=1e-3)
 
 
-def test_stream_threshold_comes_from_the_environment_and_rejects_nonsense():
+@pytest.mark.parametrize(
+    ("setter", "variable", "default"),
+    [
+        ("set_stream_bytes", "BATCHNORM_STREAM_BYTES", 8 << 20),
+        ("set_stream_max_bytes", "BATCHNORM_STREAM_MAX_BYTES", 32 << 20),
+    ],
+)
+def test_stream_settings_come_from_the_environment_and_reject_nonsense(setter, variable, default):
     code = (
         "from batchnorm.functional import kernels\n"
-        "print(kernels.set_stream_bytes(None), kernels.set_stream_bytes(8))\n"
+        f"print(kernels.{setter}(None), kernels.{setter}(8))\n"
     )
-    for env_value, want in (("123", "123 None"), ("-1", "None None"), ("", f"{8 << 20} None")):
-        env = {**os.environ, "BATCHNORM_STREAM_BYTES": env_value}
+    for env_value, want in (("123", "123 None"), ("-1", "None None"), ("", f"{default} None")):
+        env = {**os.environ, variable: env_value}
         out = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
         )
         assert out.stdout.split("\n")[-2] == want
-    old = kernels.set_stream_bytes(None)
+    set_ = getattr(kernels, setter)
+    old = set_(None)
     try:
         with pytest.raises(RuntimeError, match="byte count or -1"):
-            kernels.set_stream_bytes(-5)
+            set_(-5)
     finally:
-        kernels.set_stream_bytes(old)
-
-
-def test_stream_limit_comes_from_the_environment_and_rejects_nonsense():
-    code = (
-        "from batchnorm.functional import kernels\n"
-        "print(kernels.set_stream_max_bytes(None), kernels.set_stream_max_bytes(8))\n"
-    )
-    for env_value, want in (("123", "123 None"), ("-1", "None None"), ("", f"{32 << 20} None")):
-        env = {**os.environ, "BATCHNORM_STREAM_MAX_BYTES": env_value}
-        out = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-        )
-        assert out.stdout.split("\n")[-2] == want
-    old = kernels.set_stream_max_bytes(None)
-    try:
-        with pytest.raises(RuntimeError, match="byte count or -1"):
-            kernels.set_stream_max_bytes(-5)
-    finally:
-        kernels.set_stream_max_bytes(old)
+        set_(old)
 
 
 def test_outputs_above_the_stream_limit_are_the_same_bit_for_bit():
