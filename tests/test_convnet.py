@@ -488,26 +488,18 @@ def cli(out: Path, data_root: Path, *extra: str) -> list[str]:
 ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 
 
-def run_of_soon(out: Path, network: str, proc: subprocess.Popen, timeout: float = 180) -> Path:
-    """``run_of`` once the running study has created the folder."""
+def wait_for_records(
+    out: Path, network: str, n: int, proc: subprocess.Popen, timeout: float = 180
+) -> None:
+    """Until the running study's run of ``network`` in ``out`` holds ``n`` records."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if list(out.glob(f"{network}_lr*_seed0")):
-            return run_of(out, network)
+        for path in out.glob(f"{network}_lr*_seed0/metrics.jsonl"):
+            if len(path.read_text().splitlines()) >= n:
+                return
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.02)
-    raise AssertionError(f"no run folder of {network} after {timeout} s")
-
-
-def wait_for_records(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        path = run_dir / "metrics.jsonl"
-        if path.exists() and len(path.read_text().splitlines()) >= n:
-            return
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.02)
-    raise AssertionError(f"no {n} records after {timeout} s")
+    raise AssertionError(f"no {n} records of {network} after {timeout} s")
 
 
 @pytest.mark.slow
@@ -534,7 +526,7 @@ def test_interrupted_study_resumes_to_the_same_metrics(sig, jobs, data_root, tmp
         start_new_session=True,  # its own process group, like a job in a terminal
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    wait_for_records(run_of_soon(out, "bn-x5", proc), 6, proc)  # a few checkpoints in
+    wait_for_records(out, "bn-x5", 6, proc)  # a few checkpoints in
     if sig == signal.SIGINT:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground group
     else:

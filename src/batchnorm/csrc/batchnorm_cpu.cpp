@@ -177,11 +177,13 @@ Chunking chunking(const Geometry& g) {
 
 // Outputs of at least this many bytes are written with streaming stores (see write_run): 8 MiB
 // unless BATCHNORM_STREAM_BYTES says otherwise (-1: never); the op set_stream_bytes changes it.
+int64_t env_bytes(const char* name, int64_t fallback) {
+  const char* e = std::getenv(name);
+  return e != nullptr && *e != '\0' ? std::atoll(e) : fallback;
+}
+
 std::atomic<int64_t>& stream_threshold() {
-  static std::atomic<int64_t> bytes{[] {
-    const char* e = std::getenv("BATCHNORM_STREAM_BYTES");
-    return e != nullptr && *e != '\0' ? std::atoll(e) : int64_t{8} << 20;
-  }()};
+  static std::atomic<int64_t> bytes{env_bytes("BATCHNORM_STREAM_BYTES", int64_t{8} << 20)};
   return bytes;
 }
 
@@ -192,10 +194,7 @@ std::atomic<int64_t>& stream_threshold() {
 // write; streaming stores into those pages measured 1.3-1.5x slower than ordinary ones (Intel
 // Xeon, benchmarks/bm_layers.py --stream-bytes), while into reused pages they are 1.2-1.6x faster.
 std::atomic<int64_t>& stream_limit() {
-  static std::atomic<int64_t> bytes{[] {
-    const char* e = std::getenv("BATCHNORM_STREAM_MAX_BYTES");
-    return e != nullptr && *e != '\0' ? std::atoll(e) : int64_t{32} << 20;
-  }()};
+  static std::atomic<int64_t> bytes{env_bytes("BATCHNORM_STREAM_MAX_BYTES", int64_t{32} << 20)};
   return bytes;
 }
 
@@ -810,7 +809,8 @@ inline void write_run(T* __restrict q, int64_t n, bool stream, const F& f, const
 }
 
 // Whether a pass writing `out` with geometry g streams: float32 or 16-bit, at least
-// stream_threshold() and less than stream_limit() bytes, and for the rows layout every row starting 64-byte aligned.
+// stream_threshold() and less than stream_limit() bytes, and for the rows layout every row
+// starting 64-byte aligned.
 template <typename T>
 inline bool stream_output(const T* out, const Geometry& g) {
   if (std::is_same_v<T, double> || !kCanStream) return false;

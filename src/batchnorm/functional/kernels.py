@@ -295,10 +295,7 @@ def set_stream_bytes(nbytes: int | None) -> int | None:
     chosen by measurement on the project's machine (``benchmarks/README.md``). Results are the
     same either way, bit for bit. Returns the previous setting.
     """
-    if not load():
-        raise RuntimeError(status())
-    old = torch.ops.batchnorm.set_stream_bytes(-1 if nbytes is None else int(nbytes))
-    return None if old < 0 else old
+    return _exchange_bytes("set_stream_bytes", nbytes)
 
 
 def set_stream_max_bytes(nbytes: int | None) -> int | None:
@@ -314,7 +311,12 @@ def set_stream_max_bytes(nbytes: int | None) -> int | None:
     pages (``MALLOC_MMAP_MAX_=0``, jemalloc, tcmalloc) can lift it with ``None``. Results are the
     same either way, bit for bit.
     """
+    return _exchange_bytes("set_stream_max_bytes", nbytes)
+
+
+def _exchange_bytes(op: str, nbytes: int | None) -> int | None:
+    """Set one of the kernels' byte counts (None: -1 to the op) and return the previous one."""
     if not load():
         raise RuntimeError(status())
-    old = torch.ops.batchnorm.set_stream_max_bytes(-1 if nbytes is None else int(nbytes))
+    old = getattr(torch.ops.batchnorm, op)(-1 if nbytes is None else int(nbytes))
     return None if old < 0 else old

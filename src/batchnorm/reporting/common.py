@@ -12,7 +12,16 @@ from string import Template
 
 from .._atomic import write_bytes
 
-__all__ = ["ReportError", "figure", "fmt_mean", "fmt_short", "save_figure", "template"]
+__all__ = [
+    "ReportError",
+    "figure",
+    "first_step",
+    "fmt_mean",
+    "fmt_short",
+    "percentile_ranges",
+    "save_figure",
+    "template",
+]
 
 
 class ReportError(ValueError):
@@ -67,3 +76,20 @@ def fmt_short(vals: Sequence[float], digits: int = 3) -> str:
     if len(vals) == 1:
         return f"{vals[0]:.{digits}f}"
     return f"{statistics.fmean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+
+
+# -- curves ---------------------------------------------------------------------------------------
+
+
+def first_step(steps: Sequence[int], values: Sequence[float], threshold: float) -> int | None:
+    """The first step whose value reaches ``threshold`` (None: never)."""
+    return next((s for s, v in zip(steps, values, strict=True) if v >= threshold), None)
+
+
+def percentile_ranges(
+    p15: Sequence[float], p50: Sequence[float], p85: Sequence[float]
+) -> tuple[float, float]:
+    """How much a unit's input distribution moved over records: the range (max − min) of its
+    median and the range of its 15–85 spread."""
+    spread = [b - a for a, b in zip(p15, p85, strict=True)]
+    return max(p50) - min(p50), max(spread) - min(spread)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import runfiles
 from .._atomic import write_text
-from .common import ReportError, template
+from .common import ReportError, first_step, percentile_ranges, template
 from .common import figure as _figure
 from .common import fmt_mean as _fmt_mean
 from .common import fmt_short as _fmt_short
@@ -139,10 +139,6 @@ def find_pairs(folder: str | Path, runs: Sequence[runfiles.RunFiles] | None = No
 # -- numbers ------------------------------------------------------------------------------------
 
 
-def _first_step(steps: Sequence[int], values: Sequence[float], threshold: float) -> int | None:
-    return next((s for s, v in zip(steps, values, strict=True) if v >= threshold), None)
-
-
 def _drift(run: Run, net: str) -> dict[str, float]:
     """How much the percentiles of the last hidden layer's sigmoid inputs move during training.
 
@@ -154,11 +150,9 @@ def _drift(run: Run, net: str) -> dict[str, float]:
     if not recs:
         return {}
 
-    def ranges(p15: list[float], p50: list[float], p85: list[float]) -> tuple[float, float]:
-        spread = [b - a for a, b in zip(p15, p85, strict=True)]
-        return max(p50) - min(p50), max(spread) - min(spread)
-
-    unit_med, unit_spread = ranges(*([r[f"unit_p{q}_{net}"] for r in recs] for q in (15, 50, 85)))
+    unit_med, unit_spread = percentile_ranges(
+        *([r[f"unit_p{q}_{net}"] for r in recs] for q in (15, 50, 85))
+    )
     out = {
         "unit_median_range": unit_med,
         "unit_spread_range": unit_spread,
@@ -170,7 +164,7 @@ def _drift(run: Run, net: str) -> dict[str, float]:
         return out
     units = len(layer[0][f"layer_p50_{net}"])
     per_unit = [
-        ranges(*([r[f"layer_p{q}_{net}"][u] for r in layer] for q in (15, 50, 85)))
+        percentile_ranges(*([r[f"layer_p{q}_{net}"][u] for r in layer] for q in (15, 50, 85)))
         for u in range(units)
     ]
     out["layer_median_range"] = statistics.fmean(p[0] for p in per_unit)
@@ -199,8 +193,8 @@ def summarize(run: Run) -> Summary:
     to = {}
     for net in NETS:
         steps, acc = run.series(f"test_acc_{net}")
-        to[net] = {f"{t:.2f}": _first_step(steps, acc, t) for t in THRESHOLDS}
-        to[net]["plain_final"] = _first_step(steps, acc, final["plain"])
+        to[net] = {f"{t:.2f}": first_step(steps, acc, t) for t in THRESHOLDS}
+        to[net]["plain_final"] = first_step(steps, acc, final["plain"])
     train_s = {net: last.get(f"train_{net}_s", math.nan) for net in ("plain", "bn")}
     wall = sum(train_s.values()) + sum(r.get("eval_s", 0.0) for r in run.records)
     return Summary(

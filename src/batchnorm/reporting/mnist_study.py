@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .. import runfiles
 from .._atomic import write_text
-from .common import ReportError, template
+from .common import ReportError, first_step, percentile_ranges, template
 from .common import figure as _figure
 from .common import save_figure as _save
 from .paper import FIGURE1 as PAPER
@@ -48,8 +48,7 @@ def _final(run: runfiles.RunFiles, family: str) -> float:
 
 
 def _first_reach(run: runfiles.RunFiles, key: str, threshold: float) -> int | None:
-    steps, values = _series(run, key)
-    return next((s for s, v in zip(steps, values, strict=True) if v >= threshold), None)
+    return first_step(*_series(run, key), threshold)
 
 
 # -- claim 4: drift ---------------------------------------------------------------------------------
@@ -68,6 +67,7 @@ class Drift:
     after_median: float | None
     after_spread: float | None
     reached: int | None  # the step the network first reached the accuracy
+    since: int  # the first step after 0 with every unit's records
     # the drawn unit (recorded at every evaluation, so its whole run includes the early phase
     # that every-unit records, every layer_every steps, can miss): not the registered measure
     unit_median: float | None = None
@@ -75,16 +75,14 @@ class Drift:
 
 
 def _ranges(records: Sequence[dict]) -> tuple[float, float] | None:
+    """:func:`percentile_ranges` of every unit, averaged over the layer's units."""
     if len(records) < 2:
         return None
-    units = len(records[0]["layer_p50"])
-    med, spread = [], []
-    for u in range(units):
-        p50 = [r["layer_p50"][u] for r in records]
-        s = [r["layer_p85"][u] - r["layer_p15"][u] for r in records]
-        med.append(max(p50) - min(p50))
-        spread.append(max(s) - min(s))
-    return statistics.fmean(med), statistics.fmean(spread)
+    per_unit = [
+        percentile_ranges(*([r[f"layer_p{q}"][u] for r in records] for q in (15, 50, 85)))
+        for u in range(len(records[0]["layer_p50"]))
+    ]
+    return statistics.fmean(p[0] for p in per_unit), statistics.fmean(p[1] for p in per_unit)
 
 
 def drift(run: runfiles.RunFiles, metric: str, after: float) -> Drift:
@@ -99,21 +97,12 @@ def drift(run: runfiles.RunFiles, metric: str, after: float) -> Drift:
     reached = _first_reach(run, metric, after)
     late = _ranges([r for r in layer if r["step"] >= reached]) if reached is not None else None
     unit = [r for r in run.records if r["step"] > 0 and r.get("unit_p50") is not None]
-    med = [r["unit_p50"] for r in unit]
-    spread = [r["unit_p85"] - r["unit_p15"] for r in unit]
-    unit_ranges = (max(med) - min(med), max(spread) - min(spread)) if len(unit) > 1 else (None,) * 2
-    return Drift(*whole, *(late or (None, None)), reached, *unit_ranges)
-
-
-def _layer_steps(study: Study) -> list[dict]:
-    """The first record after step 0 with every unit's percentiles, of each tuned run."""
-    out = []
-    for pair in study.by_seed("tuned").values():
-        for r in pair.values():
-            rec = next((x for x in r.records if x["step"] > 0 and x.get("layer_p50")), None)
-            if rec is not None:
-                out.append(rec)
-    return out or [{"step": 0}]
+    unit_ranges = (
+        percentile_ranges(*([r[f"unit_p{q}"] for r in unit] for q in (15, 50, 85)))
+        if len(unit) > 1
+        else (None, None)
+    )
+    return Drift(*whole, *(late or (None, None)), reached, layer[0]["step"], *unit_ranges)
 
 
 def _ratio(plain: float | None, bn: float | None) -> float | None:
@@ -296,7 +285,7 @@ def _claims(study: Study) -> tuple[list[tuple[str, str, str]], dict]:
             _ratio(getattr(d["plain"], f"unit_{attr}"), getattr(d["bn"], f"unit_{attr}"))
             for d in drifts.values()
         ]
-        first = min(r["step"] for r in _layer_steps(study))
+        first = min(x.since for d in drifts.values() for x in d.values())
         rows.append(
             (
                 f"4. the {what} of the sigmoid inputs drifts without BN, stays nearly flat with "
