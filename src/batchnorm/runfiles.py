@@ -48,6 +48,7 @@ __all__ = [
     "MNIST_JOINT_KEYS",
     "SCHEMA",
     "SENSITIVITY",
+    "SHIFT",
     "STUDY",
     "RunFiles",
     "config_document",
@@ -70,6 +71,7 @@ CHECKPOINT = "checkpoint.pt"
 LOCK = ".lock"
 STUDY = "study.json"
 SENSITIVITY = "population_batches.json"
+SHIFT = "shift.json"  # the mechanism study: drift summaries of every hidden sigmoid input
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,8 @@ def read_runs(path: str | Path) -> list[RunFiles]:
     extra = {}
     if (path / SENSITIVITY).is_file():
         extra["population_batches"] = json.loads((path / SENSITIVITY).read_text())
+    if (path / SHIFT).is_file():
+        extra["shift"] = json.loads((path / SHIFT).read_text())
     if "schema" in doc:
         return [
             RunFiles(

@@ -33,7 +33,8 @@ class Protocol:
 
     ``grid``: ``(family, config)`` pairs of the selection stage. Each family's winner is the
     grid run with the highest mean of ``metric[family]`` over its last ``last`` evaluations (ties:
-    the first in grid order). ``then(winners)`` gives the ``(role, config)`` pairs of the
+    the first in grid order); a family without a metric has no winner (a study without selection
+    gives an empty ``metric``). ``then(winners)`` gives the ``(role, config)`` pairs of the
     following runs from the winners' saved configs (``{family: config dict}``). ``rules`` are the
     thresholds the report applies; ``text`` says all of it in words.
     """
@@ -124,11 +125,16 @@ def run_protocol(
         experiment, configs, out, dataset, preset=preset, jobs=jobs, progress=progress, echo=echo
     )
     runs = {r.path.name: r for r in runfiles.find_runs(out)}
-    winners = {
+    winners = {  # a protocol without a metric selects nothing: its grid is the study
         family: runfiles.select([runs[n] for n in names], protocol.metric[family], protocol.last)
         for family, names in grid_names.items()
+        if family in protocol.metric
     }
-    echo("selected on validation: " + ", ".join(f"{f}: {w.path.name}" for f, w in winners.items()))
+    if winners:
+        echo(
+            "selected on validation: "
+            + ", ".join(f"{f}: {w.path.name}" for f, w in winners.items())
+        )
     follow = protocol.then({f: w.config for f, w in winners.items()})
     roles: dict[str, list[str]] = {}
     for role, cfg in follow:

@@ -23,7 +23,7 @@ from .loop import Task, train
 __all__ = ["EXPERIMENTS", "Experiment", "get", "run_one", "run_study"]
 
 # The studies, by the name `batchnorm reproduce <name>` takes (each a package of this one).
-EXPERIMENTS = ("mnist", "convnet")
+EXPERIMENTS = ("mnist", "convnet", "mechanism")
 
 
 @dataclass(frozen=True)

@@ -36,4 +36,8 @@ def write_report(folder: str | Path) -> Path:
         from . import convnet
 
         return convnet.write_report(folder, runs)
+    if kinds[0] == "mechanism":
+        from . import mechanism
+
+        return mechanism.write_report(folder, runs)
     raise ReportError(f"{folder}: no report for experiment {kinds[0]!r}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -13,20 +15,29 @@ from .config import MnistConfig
 __all__ = ["build_mlp", "sigmoid_input"]
 
 
-def build_mlp(cfg: MnistConfig, *, in_features: int = 784, classes: int = 10) -> nn.Sequential:
+def build_mlp(
+    cfg: MnistConfig,
+    *,
+    in_features: int = 784,
+    classes: int = 10,
+    norm: Callable[[int], nn.Module] | None = None,
+) -> nn.Sequential:
     """The network of ``cfg.network``; with BN, BN before every hidden sigmoid, no hidden biases.
 
     The weights are drawn from N(0, init_std²) by a generator seeded from ``cfg.seed`` in the same
-    order for both networks, so the two start from identical weight matrices.
+    order for both networks, so the two start from identical weight matrices. ``norm(width)``
+    builds each hidden layer's BN (default: our :class:`~batchnorm.nn.BatchNorm1d` with the
+    config's eps and momentum).
     """
     bn = cfg.bn
+    norm = norm or (lambda h: BatchNorm1d(h, eps=cfg.eps, momentum=cfg.bn_momentum))
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "init"))
     layers: list[nn.Module] = []
     width = in_features
     for h in cfg.hidden:
         layers.append(nn.Linear(width, h, bias=not bn))  # Sec. 3.2: the bias is redundant before BN
         if bn:
-            layers.append(BatchNorm1d(h, eps=cfg.eps, momentum=cfg.bn_momentum))
+            layers.append(norm(h))
         layers.append(nn.Sigmoid())
         width = h
     layers.append(nn.Linear(width, classes))

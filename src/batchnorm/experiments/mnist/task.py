@@ -55,13 +55,17 @@ class MnistTask:
         self.cfg, self.d = cfg, d
         self.name, self.steps = run_name(cfg), cfg.steps
         self.progress_keys = ("test_acc_population", "test_acc") if cfg.bn else ("test_acc",)
-        self.model = build_mlp(cfg)
+        self.model = self.build_model(cfg)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr)
         self.trained: nn.Module = self.model  # or DDP around it
         torch.manual_seed(cfg.seed)  # nothing draws from it today; saved and restored all the same
         self.order = DataOrder(len(d.x_train), cfg.batch_size, cfg.seed)
         self.loss_sum = torch.zeros(())  # since the last evaluation
         self.since = 0
+
+    def build_model(self, cfg: MnistConfig) -> nn.Module:
+        """The run's network (a subclass may build another)."""
+        return build_mlp(cfg)
 
     def evaluation_steps(self) -> set[int]:
         every = self.cfg.eval_every

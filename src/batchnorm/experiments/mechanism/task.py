@@ -1,0 +1,132 @@
+"""One run of the mechanism study: the Figure 1 run's training, with the instruments reading.
+
+At every evaluation (every ``eval_every`` steps, and step 0): validation and test accuracy, the
+network in inference mode (BN with its moving averages). At every ``instrument_every`` steps,
+on the batch the run trains on next (the instruments restore everything, so the run goes on
+bitwise as without them, :mod:`batchnorm.tools.instruments`):
+
+- ``ics_rel`` / ``ics_cos``: Santurkar et al.'s ICS of every linear layer with layers below it
+  (all but the first), ‖G_k − G'_k‖ / ‖G_k‖ and cos(G_k, G'_k), the update being this run's SGD
+  step (:func:`~batchnorm.tools.internal_covariate_shift`);
+- ``beta``, ``loss_var``, ``grad_var``: the loss and gradient along the gradient step at
+  lr × [0.05, 4] (:func:`~batchnorm.tools.smoothness`);
+- the distributions of every hidden sigmoid's input on the first ``probe_examples`` validation
+  images, in training mode (what the layers above see while training: noisy BN's noise on, BN
+  with the probe batch's statistics), kept by a :class:`~batchnorm.tools.ShiftTracker` that is
+  checkpointed with the run; at the end its drift summaries go to ``shift.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ... import runfiles
+from ..._atomic import write_text
+from ...nn import NoisyBatchNorm1d
+from ...tools import ShiftTracker, internal_covariate_shift, smoothness
+from ..mnist.model import build_mlp
+from ..mnist.task import MnistTask
+from ..runs import derive_seed
+from .config import MechanismConfig
+
+__all__ = ["SHIFT", "MechanismTask", "run_name"]
+
+SHIFT = runfiles.SHIFT
+
+
+def run_name(cfg: MechanismConfig) -> str:
+    noise = f"_noise{cfg.noise_scale:g}-{cfg.noise_shift:g}" if cfg.network == "noisy" else ""
+    return (
+        f"{cfg.network}{noise}_depth{len(cfg.hidden)}_lr{cfg.lr:g}_std{cfg.init_std:g}"
+        f"_seed{cfg.seed}"
+    )
+
+
+def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+class MechanismTask(MnistTask):
+    """The :class:`~..loop.Task` of one network of the mechanism study."""
+
+    def __init__(self, cfg: MechanismConfig, d) -> None:
+        super().__init__(cfg, d)
+        self.name = run_name(cfg)
+        self.progress_keys = ("val_acc",)
+        probe = d.x_val[: cfg.probe_examples] if len(d.y_val) else d.x_test[: cfg.probe_examples]
+        self.tracker = ShiftTracker(self.model, [probe], modules=nn.Sigmoid, mode="train")
+
+    def build_model(self, cfg: MechanismConfig) -> nn.Module:
+        if cfg.network != "noisy":
+            return build_mlp(cfg)
+        layers = iter(range(len(cfg.hidden)))
+
+        def noisy(width: int) -> nn.Module:
+            return NoisyBatchNorm1d(
+                width, eps=cfg.eps, momentum=cfg.bn_momentum, noise_scale=cfg.noise_scale,
+                noise_shift=cfg.noise_shift, seed=derive_seed(cfg.seed, "noise", next(layers)),
+            )  # fmt: skip
+
+        return build_mlp(cfg, norm=noisy)
+
+    def _noisy(self) -> list[NoisyBatchNorm1d]:
+        return [m for m in self.model.modules() if isinstance(m, NoisyBatchNorm1d)]
+
+    def state_dict(self) -> dict:
+        return super().state_dict() | {
+            "tracker": self.tracker.state_dict(),
+            "noise": [m.generator.get_state() for m in self._noisy()],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.tracker.load_state_dict(state["tracker"])
+        for m, g in zip(self._noisy(), state["noise"], strict=True):
+            m.generator.set_state(g)
+
+    def _instruments(self, step: int) -> dict:
+        """ICS and smoothness on the batch the run trains on next."""
+        idx = self.order.indices(step + 1)
+        batch = (self.d.x_train.index_select(0, idx), self.d.y_train.index_select(0, idx))
+        linear = [m for m in self.model if isinstance(m, nn.Linear)]
+        ics = internal_covariate_shift(self.model, _loss, batch, self.opt, layers=linear[1:])
+        smooth = smoothness(self.model, _loss, batch, lr=self.cfg.lr)
+        return {
+            "ics_rel": [round(x.relative, 6) for x in ics.layers],
+            "ics_cos": [round(x.cosine, 6) for x in ics.layers],
+            "beta": smooth.beta,
+            "loss_var": smooth.loss_variation,
+            "grad_var": smooth.grad_variation,
+        }
+
+    def evaluate(self, step: int) -> dict:
+        start = time.perf_counter()
+        self.model.eval()
+        try:
+            rec = self._measure(self.model, "")
+        finally:
+            self.model.train()
+        self.tracker.record(step)
+        if step % self.cfg.instrument_every == 0 and step < self.steps:
+            rec |= self._instruments(step)
+        rec["eval_s"] = time.perf_counter() - start
+        return rec
+
+    def finish(self, run_dir: Path) -> None:
+        """``shift.json``: every hidden sigmoid input's drift summaries (std units, and the
+        activation's own units) over the whole run and from the first evaluation after step 0."""
+        report = self.tracker.report()
+        out = {"steps": list(self.tracker.steps), "layers": {}}
+        for layer in report.layers:
+            out["layers"][layer.name] = {
+                f"{units}_{window}": vars(layer.summary(start, units))
+                for units in ("std", "absolute")
+                for window, start in (("whole", None), ("trained", self.cfg.eval_every))
+            }
+        write_text(run_dir / SHIFT, json.dumps(out, indent=2) + "\n")

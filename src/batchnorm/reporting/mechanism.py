@@ -1,0 +1,307 @@
+"""The report of the pre-registered mechanism study (``batchnorm reproduce mechanism``), from the
+study folder's files alone: ``study.json`` (the protocol as registered: text, rules, the runs of
+each network and arm) and each run's ``metrics.jsonl`` and ``shift.json``.
+
+It applies the registered rules (``experiments/mechanism/protocol.py``) per network and noise
+strength, and writes ``report.md`` and ``mechanism.png/svg``. An unfinished study is reported on
+its finished runs and marked as such.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import runfiles
+from .._atomic import write_text
+from .common import ReportError, first_step, save_figure, template
+from .stats import mean_interval
+
+__all__ = ["Arm", "arm_of", "verdicts", "write_report"]
+
+ARMS = ("plain", "bn", "noisy-weak", "noisy-strong")
+COLOR = {"plain": "#444444", "bn": "#1f77b4", "noisy-weak": "#ff7f0e", "noisy-strong": "#d62728"}
+
+
+def _finished(run: runfiles.RunFiles) -> bool:
+    return bool(run.records) and run.records[-1]["step"] == run.config["steps"]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of one network: its finished runs by seed, and the measures of each."""
+
+    runs: dict[int, runfiles.RunFiles]
+    resolution: int  # steps between evaluations from which the measures start
+
+    def steps_to(self, target: float) -> dict[int, int | None]:
+        return {s: first_step(*r.series("val_acc"), target) for s, r in self.runs.items()}
+
+    def steps_or_budget(self, target: float) -> dict[int, int]:
+        """Steps to ``target``, a run that never reaches it counting as its budget."""
+        return {
+            s: r.config["steps"] if v is None else v
+            for (s, v), r in zip(self.steps_to(target).items(), self.runs.values(), strict=True)
+        }
+
+    def _readings(self, run: runfiles.RunFiles, key: str) -> list:
+        return [
+            r[key] for r in run.records if r.get(key) is not None and r["step"] >= self.resolution
+        ]
+
+    def ics(self) -> dict[int, float]:
+        """Relative ICS, mean over the hidden layers and the readings."""
+        return {s: statistics.fmean(statistics.fmean(v) for v in self._readings(r, "ics_rel"))
+                for s, r in self.runs.items()}  # fmt: skip
+
+    def cos(self) -> dict[int, float]:
+        return {s: statistics.fmean(statistics.fmean(v) for v in self._readings(r, "ics_cos"))
+                for s, r in self.runs.items()}  # fmt: skip
+
+    def beta(self) -> dict[int, float]:
+        return {s: statistics.median(self._readings(r, "beta")) for s, r in self.runs.items()}
+
+    def drift(self) -> dict[int, float]:
+        """Per 1,000 steps in std units from the first evaluation after step 0, mean over the
+        hidden sigmoid inputs (``shift.json``)."""
+        out = {}
+        for s, r in self.runs.items():
+            layers = r.extra.get("shift", {}).get("layers")
+            if not layers:
+                raise ReportError(f"{r.path}: no shift.json (the run writes it when it ends)")
+            out[s] = statistics.fmean(v["std_trained"]["per_interval"] for v in layers.values())
+        return out
+
+    def final_test(self) -> dict[int, float]:
+        return {s: r.series("test_acc")[1][-1] for s, r in self.runs.items()}
+
+
+def arm_of(doc: dict, runs: dict[str, runfiles.RunFiles], net: str, arm: str) -> Arm:
+    names = doc["protocol"]["grid"].get(f"{net}:{arm}", [])
+    found = {runs[n].config["seed"]: runs[n] for n in names if n in runs and _finished(runs[n])}
+    return Arm(dict(sorted(found.items())), doc["protocol"]["rules"]["resolution"])
+
+
+def nets_of(doc: dict) -> list[str]:
+    return list(dict.fromkeys(f.split(":")[0] for f in doc["protocol"]["grid"]))
+
+
+# -- verdicts -------------------------------------------------------------------------------------
+
+
+def _count(k: int, n: int, yes: str = "yes", no: str = "no") -> str:
+    if n and k == n:
+        return yes
+    return f"partly: {k} of {n}" if k else f"{no} (0 of {n})"
+
+
+def _below(a: dict[int, float], b: dict[int, float]) -> tuple[int, int]:
+    """Seeds where a < b, of the seeds both have."""
+    seeds = [s for s in a if s in b]
+    return sum(a[s] < b[s] for s in seeds), len(seeds)
+
+
+def _fmt(d: dict, digits: int = 3) -> str:
+    return ", ".join(f"{v:.{digits}g}" if isinstance(v, float) else f"{v:,}" for v in d.values())
+
+
+def verdicts(doc: dict, runs: dict[str, runfiles.RunFiles], net: str) -> list[tuple[str, str, str]]:
+    """(claim, measured, verdict) of the registered rules for one network."""
+    rules = doc["protocol"]["rules"]
+    arms = {a: arm_of(doc, runs, net, a) for a in ARMS}
+    res, n = rules["resolution"], len(rules["seeds"])
+    if any(len(arms[a].runs) < n for a in ("plain", "bn")):
+        return [(f"{net}: all", "plain and BN have not finished every seed", "pending")]
+    target = next(
+        (t for t in (rules["main_target"], rules["fallback_target"])
+         if None not in arms["bn"].steps_to(t).values()),
+        None,
+    )  # fmt: skip
+    if target is None:
+        return [(f"{net}: all", f"BN does not reach {rules['fallback_target']:.0%} in every seed",
+                 "no target")]  # fmt: skip
+    steps = {a: arms[a].steps_or_budget(target) for a in ARMS if len(arms[a].runs) == n}
+    mean = {a: statistics.fmean(v.values()) for a, v in steps.items()}
+    ics = {a: arms[a].ics() for a in steps}
+    drift = {a: arms[a].drift() for a in steps}
+    beta = {a: arms[a].beta() for a in steps}
+    gain = mean["plain"] - mean["bn"]
+    never = {a: sum(v is None for v in arms[a].steps_to(target).values()) for a in steps}
+    pct = f"{100 * target:.0f}%"
+    if target != rules["main_target"]:
+        pct += f" (BN does not reach {100 * rules['main_target']:.0f}% in every seed)"
+    out = []
+    k_ics, n_ics = _below(ics["bn"], ics["plain"])
+    for arm in ("noisy-weak", "noisy-strong"):
+        claim = f"{net}, {arm}: ICS (the paper) or Santurkar?"
+        if arm not in steps:
+            out.append((claim, "—", "pending"))
+            continue
+        lost = mean[arm] - mean["bn"]
+        lo, hi = min(steps["bn"].values()) - res, max(steps["bn"].values()) + res
+        k_drift, n_drift = _below(drift["bn"], drift[arm])
+        ics_side = gain > 0 and lost >= rules["lose_half"] * gain and k_ics == n_ics
+        santurkar = lo <= mean[arm] <= hi and k_drift == n_drift
+        if ics_side and santurkar:
+            verdict = "undecided: BN's gain is within its seed spread"
+        elif ics_side:
+            verdict = "supports the ICS explanation"
+        elif santurkar:
+            verdict = "supports Santurkar"
+        else:
+            verdict = "neither"
+        measured = (
+            f"steps to {pct} (mean; never = budget): plain {mean['plain']:,.0f}, BN "
+            f"{mean['bn']:,.0f} (seeds {_fmt(steps['bn'])}), {arm} {mean[arm]:,.0f}; noisy BN "
+            f"loses {lost:,.0f} of BN's gain of {gain:,.0f} steps; drift per 1k steps BN "
+            f"{_fmt(drift['bn'])}, {arm} {_fmt(drift[arm])} (more in {k_drift} of {n_drift}); "
+            f"ICS BN < plain in {k_ics} of {n_ics}"
+        )
+        out.append((claim, measured, verdict))
+    out.append(
+        (
+            f"{net}: BN reduces Santurkar's ICS (relative ‖G − G′‖ / ‖G‖)",
+            f"plain {_fmt(ics['plain'])}, BN {_fmt(ics['bn'])}",
+            _count(k_ics, n_ics),
+        )
+    )
+    out.append(
+        (
+            f"{net}: BN makes the loss smoother along the step (effective β)",
+            f"plain {_fmt(beta['plain'])}, BN {_fmt(beta['bn'])}",
+            _count(*_below(beta["bn"], beta["plain"])),
+        )
+    )
+    note = f" (never in {never['plain']} of {n}: counted as the budget)" if never["plain"] else ""
+    out.append(
+        (
+            f"{net}: BN reaches {pct} validation accuracy sooner",
+            f"plain {_fmt(steps['plain'])}{note}, BN {_fmt(steps['bn'])}",
+            _count(*_below(steps["bn"], steps["plain"])),
+        )
+    )
+    return out
+
+
+# -- tables and figure ----------------------------------------------------------------------------
+
+
+def _table(doc: dict, runs: dict[str, runfiles.RunFiles], net: str) -> str:
+    targets = doc["protocol"]["rules"]["targets"]
+    rows = [
+        "| arm | seeds | "
+        + " | ".join(f"steps to {100 * t:.0f}% (val)" for t in targets)
+        + " | final test | ICS ‖G−G′‖/‖G‖ | cos(G, G′) | effective β | drift / 1k steps |",
+        "|---" * (7 + len(targets)) + "|",
+    ]
+
+    def fmt_steps(d: dict) -> str:
+        return ", ".join("never" if v is None else f"{v:,}" for v in d.values())
+
+    for a in ARMS:
+        arm = arm_of(doc, runs, net, a)
+        if not arm.runs:
+            rows.append(f"| {a} | — |" + " — |" * (5 + len(targets)))
+            continue
+        acc = mean_interval(list(arm.final_test().values()))
+        acc_text = f"{acc.value:.4f}" + (
+            f" [{acc.low:.4f}, {acc.high:.4f}]" if acc.low is not None else ""
+        )
+        cells = [fmt_steps(arm.steps_to(t)) for t in targets]
+        rows.append(
+            f"| {a} | {', '.join(map(str, arm.runs))} | " + " | ".join(cells)
+            + f" | {acc_text} | {_fmt(arm.ics())} | {_fmt(arm.cos(), 4)} | {_fmt(arm.beta())} | "
+            f"{_fmt(arm.drift())} |"
+        )  # fmt: skip
+    return "\n".join(rows)
+
+
+def _band(ax, runs: Sequence[runfiles.RunFiles], key, color: str, label: str) -> None:
+    curves = []
+    for r in runs:
+        pts = [(x["step"], key(x)) for x in r.records if key(x) is not None]
+        curves.append(([p[0] for p in pts], [p[1] for p in pts]))
+    n = min(len(c[0]) for c in curves)
+    cols = [[c[1][j] for c in curves] for j in range(n)]
+    ax.plot(curves[0][0][:n], [statistics.fmean(v) for v in cols], color=color, label=label)
+    if len(runs) > 1:
+        ax.fill_between(curves[0][0][:n], [min(v) for v in cols], [max(v) for v in cols],
+                        color=color, alpha=0.2, lw=0)  # fmt: skip
+
+
+def plot(doc: dict, runs: dict[str, runfiles.RunFiles], stem: Path) -> list[Path]:
+    """Per network (rows): validation accuracy, relative ICS and effective β over training."""
+    from matplotlib.figure import Figure
+
+    nets = nets_of(doc)
+    fig = Figure(figsize=(14.0, 3.6 * len(nets)), layout="constrained")
+    axes = fig.subplots(len(nets), 3, squeeze=False)
+    keys = (
+        ("validation accuracy", lambda x: x.get("val_acc"), "linear"),
+        ("ICS: ‖G − G′‖ / ‖G‖, mean over hidden layers",
+         lambda x: statistics.fmean(x["ics_rel"]) if x.get("ics_rel") else None, "log"),
+        ("effective β along the step", lambda x: x.get("beta"), "log"),
+    )  # fmt: skip
+    for row, net in zip(axes, nets, strict=True):
+        for ax, (title, key, scale) in zip(row, keys, strict=True):
+            for a in ARMS:
+                arm = arm_of(doc, runs, net, a)
+                if arm.runs:
+                    _band(ax, list(arm.runs.values()), key, COLOR[a], f"{a} (n={len(arm.runs)})")
+            ax.set_yscale(scale)
+            ax.set_title(f"{net}: {title}", fontsize=10)
+            ax.set_xlabel("training steps")
+            ax.grid(alpha=0.3)
+        row[0].set_ylim(0.5, 1.0)
+        row[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+    return save_figure(fig, stem)
+
+
+def write_report(folder: str | Path, found: Sequence[runfiles.RunFiles]) -> Path:
+    """``report.md`` and ``mechanism.png/svg`` of a mechanism study folder."""
+    folder = Path(folder)
+    doc = runfiles.read_study(folder)
+    if "protocol" not in doc:
+        raise ReportError(
+            f"{folder}: no study.json with a protocol; `batchnorm reproduce mechanism --out "
+            f"{folder}` writes one (the report applies its rules)"
+        )
+    runs = {r.path.name: r for r in found}
+    names = [n for ns in doc["protocol"]["grid"].values() for n in ns]
+    missing = [n for n in names if not (n in runs and _finished(runs[n]))]
+    status = (
+        f"**Unfinished: {len(missing)} of {len(names)} runs have not finished**; the numbers and "
+        "verdicts below are of the finished runs only and are not the study's result."
+        if missing
+        else f"All {len(names)} runs have finished."
+    )
+    tables, table_rows = [], ["| claim | measured | verdict |", "|---|---|---|"]
+    for net in nets_of(doc):
+        tables.append(f"### {net}\n\n{_table(doc, runs, net)}")
+        table_rows += [f"| {c} | {m} | **{v}** |" for c, m, v in verdicts(doc, runs, net)]
+    plot(doc, runs, folder / "mechanism")
+    first = next((r for r in runs.values() if _finished(r)), None)
+    env = first.env.get("sessions", [{}])[0] if first else {}
+    clocks = [x["clock_s"] for r in runs.values() for x in r.records if x.get("clock_s")]
+    span = (max(clocks) - min(clocks)) / 60 if clocks else math.nan
+    text = template("mechanism.md").substitute(
+        name=doc["protocol"]["name"],
+        folder=folder,
+        registered=doc.get("registered", "unknown"),
+        preset=doc.get("preset") or "none (the full study)",
+        status=status,
+        protocol=doc["protocol"]["text"].strip(),
+        rules=", ".join(f"`{k}` = {v}" for k, v in doc["protocol"]["rules"].items()),
+        tables="\n\n".join(tables),
+        verdicts="\n".join(table_rows),
+        minutes=f"{span:.0f}",
+        torch=first.versions.get("torch", "?") if first else "?",
+        cpu=env.get("cpu", "?"),
+        git=env.get("git_revision", "?"),
+    )
+    path = folder / "report.md"
+    write_text(path, text)
+    return path
