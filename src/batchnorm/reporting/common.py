@@ -14,6 +14,7 @@ from .._atomic import write_bytes
 
 __all__ = [
     "ReportError",
+    "band",
     "figure",
     "first_step",
     "fmt_mean",
@@ -58,6 +59,20 @@ def save_figure(fig, stem: Path) -> list[Path]:
         write_bytes(path, buf.getvalue())
         paths.append(path)
     return paths
+
+
+def band(ax, curves: Sequence[tuple[Sequence[int], Sequence[float]]], label: str, *,
+         alpha: float = 0.2, **style) -> None:  # fmt: skip
+    """The mean of ``curves`` (``(steps, values)`` of each seed, cut to the shortest) as a line,
+    with their min–max as a band when there are several; ``style`` goes to the line (its
+    ``color`` also to the band)."""
+    n = min(len(c[0]) for c in curves)
+    steps = curves[0][0][:n]
+    cols = [[c[1][j] for c in curves] for j in range(n)]
+    ax.plot(steps, [statistics.fmean(v) for v in cols], label=label, **style)
+    if len(curves) > 1:
+        ax.fill_between(steps, [min(v) for v in cols], [max(v) for v in cols],
+                        color=style["color"], alpha=alpha, lw=0)  # fmt: skip
 
 
 # -- numbers over seeds ---------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from .. import runfiles
 from .._atomic import write_text
-from .common import ReportError, figure, first_step, save_figure, template
+from .common import ReportError, band, figure, first_step, save_figure, template
 from .convnet import STYLE, ConvRun, control_verdicts
 from .paper import FIGURE3_FACTOR as PAPER_FACTOR
 from .paper import FIGURE3_LABELS
@@ -520,17 +520,6 @@ def largest_factor(study: Study) -> tuple[str, Interval] | None:
 # -- figures --------------------------------------------------------------------------------------
 
 
-def _band(ax, runs: Sequence[ConvRun], key: str, label: str, **style) -> None:
-    curves = [r.series(key) for r in runs]
-    n = min(len(c[0]) for c in curves)
-    steps = curves[0][0][:n]
-    cols = [[c[1][j] for c in curves] for j in range(n)]
-    ax.plot(steps, [statistics.fmean(v) for v in cols], label=label, **style)
-    if len(runs) > 1:
-        ax.fill_between(steps, [min(v) for v in cols], [max(v) for v in cols],
-                        color=style["color"], alpha=0.15, lw=0)  # fmt: skip
-
-
 def _style(network: str) -> dict:
     return dict(color=TUNED_COLOR, lw=1.6) if network == "bn-accelerated" else STYLE[network]
 
@@ -551,9 +540,9 @@ def plot_figure2(study: Study, stem: Path) -> list[Path]:
         steps = max(steps, runs[0].steps)
         first = min(first, min(s for s in runs[0].series(VAL)[0] if s > 0))
         label = f"{study.label(net)} ({_recipe(runs[0])}; n={len(runs)})"
-        _band(ax_a, runs, TEST, label, **_style(net))
+        band(ax_a, [r.series(TEST) for r in runs], label, alpha=0.15, **_style(net))
         if role != "control":
-            _band(ax_b, runs, VAL, label, **_style(net))
+            band(ax_b, [r.series(VAL) for r in runs], label, alpha=0.15, **_style(net))
     ax_a.set_ylim(0.4, 0.95)
     ax_a.set_title(
         "(a) test accuracy (seeds' mean, band min–max; a control at chance lies below 0.4)",

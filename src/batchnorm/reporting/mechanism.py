@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import runfiles
 from .._atomic import write_text
-from .common import ReportError, first_step, save_figure, template
+from .common import ReportError, band, first_step, save_figure, template
 from .stats import mean_interval
 
 __all__ = ["Arm", "arm_of", "verdicts", "write_report"]
@@ -160,6 +160,11 @@ def verdicts(doc: dict, runs: dict[str, runfiles.RunFiles], net: str) -> list[tu
             f"{_fmt(drift['bn'])}, {arm} {_fmt(drift[arm])} (more in {k_drift} of {n_drift}); "
             f"ICS BN < plain in {k_ics} of {n_ics}"
         )
+        if never["plain"] or never[arm]:
+            measured += (
+                f"; never reached, counted as the budget: plain in {never['plain']} of {n}, "
+                f"{arm} in {never[arm]} of {n}"
+            )
         out.append((claim, measured, verdict))
     out.append(
         (
@@ -219,17 +224,9 @@ def _table(doc: dict, runs: dict[str, runfiles.RunFiles], net: str) -> str:
     return "\n".join(rows)
 
 
-def _band(ax, runs: Sequence[runfiles.RunFiles], key, color: str, label: str) -> None:
-    curves = []
-    for r in runs:
-        pts = [(x["step"], key(x)) for x in r.records if key(x) is not None]
-        curves.append(([p[0] for p in pts], [p[1] for p in pts]))
-    n = min(len(c[0]) for c in curves)
-    cols = [[c[1][j] for c in curves] for j in range(n)]
-    ax.plot(curves[0][0][:n], [statistics.fmean(v) for v in cols], color=color, label=label)
-    if len(runs) > 1:
-        ax.fill_between(curves[0][0][:n], [min(v) for v in cols], [max(v) for v in cols],
-                        color=color, alpha=0.2, lw=0)  # fmt: skip
+def _curve(run: runfiles.RunFiles, key) -> tuple[list[int], list[float]]:
+    pts = [(x["step"], key(x)) for x in run.records if key(x) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
 
 
 def plot(doc: dict, runs: dict[str, runfiles.RunFiles], stem: Path) -> list[Path]:
@@ -250,7 +247,8 @@ def plot(doc: dict, runs: dict[str, runfiles.RunFiles], stem: Path) -> list[Path
             for a in ARMS:
                 arm = arm_of(doc, runs, net, a)
                 if arm.runs:
-                    _band(ax, list(arm.runs.values()), key, COLOR[a], f"{a} (n={len(arm.runs)})")
+                    curves = [_curve(r, key) for r in arm.runs.values()]
+                    band(ax, curves, f"{a} (n={len(arm.runs)})", color=COLOR[a])
             ax.set_yscale(scale)
             ax.set_title(f"{net}: {title}", fontsize=10)
             ax.set_xlabel("training steps")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .. import runfiles
 from .._atomic import write_text
-from .common import ReportError, first_step, percentile_ranges, template
+from .common import ReportError, band, first_step, percentile_ranges, template
 from .common import figure as _figure
 from .common import save_figure as _save
 from .paper import FIGURE1 as PAPER
@@ -389,17 +389,6 @@ def _drift_table(drifts: dict) -> str:
 # -- figures --------------------------------------------------------------------------------------
 
 
-def _band(ax, runs: Sequence[runfiles.RunFiles], key: str, color: str, label: str) -> None:
-    curves = [_series(r, key) for r in runs]
-    n = min(len(c[0]) for c in curves)
-    steps = curves[0][0][:n]
-    cols = [[c[1][j] for c in curves] for j in range(n)]
-    ax.plot(steps, [statistics.fmean(v) for v in cols], color=color, lw=1.5, label=label)
-    if len(runs) > 1:
-        lo, hi = [min(v) for v in cols], [max(v) for v in cols]
-        ax.fill_between(steps, lo, hi, color=color, alpha=0.2, lw=0)
-
-
 def plot_grid(study: Study, winners: dict[str, runfiles.RunFiles], stem: Path) -> list[Path]:
     """Validation accuracy over lr × init std for each network; the winner is circled."""
     last = study.doc["protocol"]["last"]
@@ -444,7 +433,7 @@ def plot_tuned(study: Study, stem: Path) -> list[Path]:
         runs = [p[family] for p in tuned.values()]
         label = f"{LABEL[family]} ({_setting(runs[0].config)}; n={len(runs)})"
         for a in (ax, zoom):
-            _band(a, runs, FINAL[family], COLOR[family], label)
+            band(a, [_series(r, FINAL[family]) for r in runs], label, color=COLOR[family], lw=1.5)
     ax.set_ylim(0.4, 1.0)
     ax.set_title("(a) test accuracy, tuned vs tuned (band: min–max over seeds)", fontsize=10)
     finals = [_final(p[f], f) for p in tuned.values() for f in ("plain", "bn")]
@@ -466,7 +455,8 @@ def plot_drift(study: Study, role: str, stem: Path) -> list[Path]:
     for ax, family, title in zip(axes, ("plain", "bn"), ("(b)", "(c)"), strict=True):
         runs = [p[family] for p in pairs.values()]
         for q in (85, 50, 15):
-            _band(ax, runs, f"unit_p{q}", PCT_COLOR[q], f"{q}th percentile")
+            band(ax, [_series(r, f"unit_p{q}") for r in runs], f"{q}th percentile",
+                 color=PCT_COLOR[q], lw=1.5)  # fmt: skip
         cfg = runs[0].config
         ax.set_title(
             f"{title} {LABEL[family]}: unit {cfg['probe_unit']} ({_setting(cfg)}; n={len(runs)})",
