@@ -166,5 +166,7 @@ def test_the_target_falls_back_to_90_percent_and_a_never_counts_as_the_budget():
     assert "steps to 90% (BN does not reach 95% in every seed)" in measured
     assert "plain 1,000" in measured  # never: the budget
     assert verdict(s, "fig1, noisy-weak") == "supports Santurkar"
+    ics = next(m for c, m, v in report.verdicts(doc, runs, "fig1") if c.startswith("fig1: BN red"))
+    assert "plain never reaches 90%" in ics and "barely learns" in ics
     s = study(arms(11, [2, 3, 2], [3, 3, 3], top=0.85))
     assert verdict(s, "fig1: all") == "no target"

@@ -166,17 +166,24 @@ def verdicts(doc: dict, runs: dict[str, runfiles.RunFiles], net: str) -> list[tu
                 f"{arm} in {never[arm]} of {n}"
             )
         out.append((claim, measured, verdict))
+    stuck = ""
+    if None in arms["plain"].steps_to(rules["fallback_target"]).values():
+        top = max(max(r.series("val_acc")[1]) for r in arms["plain"].runs.values())
+        stuck = (
+            f" (plain never reaches {100 * rules['fallback_target']:.0f}%, best validation "
+            f"accuracy {100 * top:.1f}%: these are the numbers of a network that barely learns)"
+        )
     out.append(
         (
             f"{net}: BN reduces Santurkar's ICS (relative ‖G − G′‖ / ‖G‖)",
-            f"plain {_fmt(ics['plain'])}, BN {_fmt(ics['bn'])}",
+            f"plain {_fmt(ics['plain'])}, BN {_fmt(ics['bn'])}{stuck}",
             _count(k_ics, n_ics),
         )
     )
     out.append(
         (
             f"{net}: BN makes the loss smoother along the step (effective β)",
-            f"plain {_fmt(beta['plain'])}, BN {_fmt(beta['bn'])}",
+            f"plain {_fmt(beta['plain'])}, BN {_fmt(beta['bn'])}{stuck}",
             _count(*_below(beta["bn"], beta["plain"])),
         )
     )
