@@ -245,7 +245,7 @@ def plot(doc: dict, runs: dict[str, runfiles.RunFiles], stem: Path) -> list[Path
     axes = fig.subplots(len(nets), 3, squeeze=False)
     keys = (
         ("validation accuracy", lambda x: x.get("val_acc"), "linear"),
-        ("ICS: ‖G − G′‖ / ‖G‖, mean over hidden layers",
+        ("ICS: ‖G − G′‖ / ‖G‖, mean over the layers after the first",
          lambda x: statistics.fmean(x["ics_rel"]) if x.get("ics_rel") else None, "log"),
         ("effective β along the step", lambda x: x.get("beta"), "log"),
     )  # fmt: skip
