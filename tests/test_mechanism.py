@@ -30,13 +30,19 @@ def quick_study(data_root, tmp_path_factory):
 
 def test_quick_study_runs_every_arm_with_the_instruments(quick_study):
     doc = runfiles.read_study(quick_study)
-    assert doc["protocol"]["name"] == "mechanism-ics-v1-quick"
-    assert set(doc["protocol"]["grid"]) == {f"fig1:{a}" for a in report.ARMS}
+    assert doc["protocol"]["name"] == "mechanism-v2-quick"
+    grid = doc["protocol"]["grid"]
+    lrs = {f"lr:{a}:{lr:g}" for a in ("plain", "bn") for lr in (0.2, 1, 5, 50)}
+    assert set(grid) == {f"fig1:{a}" for a in report.ARMS} | lrs
+    assert grid["lr:bn:1"] == grid["fig1:bn"]  # part 2's lr 1 is part 1's run, trained once
     assert "winners" in doc and doc["winners"] == {}  # nothing is selected
     runs = {r.path.name: r for r in runfiles.find_runs(quick_study)}
     noisy = runs[doc["protocol"]["grid"]["fig1:noisy-strong"][0]]
     assert (noisy.config["noise_scale"], noisy.config["noise_shift"]) == (3.0, 2.0)
+    assert len(runs) == 10
     for run in runs.values():
+        if run.records[-1].get("diverged"):
+            continue
         readings = [r for r in run.records if "ics_rel" in r]
         assert [r["step"] for r in readings] == list(range(0, 1500, 100))
         assert all(len(r["ics_rel"]) == 3 and r["beta"] > 0 for r in readings)
@@ -50,8 +56,9 @@ def test_quick_study_runs_every_arm_with_the_instruments(quick_study):
 
 def test_quick_study_report(quick_study):
     text = (quick_study / "report.md").read_text()
-    assert "The pre-registered study `mechanism-ics-v1-quick`" in text
-    assert "All 4 runs have finished." in text
+    assert "The pre-registered study `mechanism-v2-quick`" in text
+    assert "All 10 runs have finished." in text
+    assert "| 6. With BN, a · ∂L/∂(aW) = ∂L/∂W" in text and "| 7. BN allows much higher" in text
     for claim in ("fig1, noisy-weak: ICS (the paper) or Santurkar?",
                   "fig1: BN reduces Santurkar's ICS", "fig1: BN makes the loss smoother"):  # fmt: skip
         assert claim in text
@@ -170,3 +177,22 @@ def test_the_target_falls_back_to_90_percent_and_a_never_counts_as_the_budget():
     assert "plain never reaches 90%" in ics and "barely learns" in ics
     s = study(arms(11, [2, 3, 2], [3, 3, 3], top=0.85))
     assert verdict(s, "fig1: all") == "no target"
+
+
+def cell(lr: float, finals: list[float], diverged: int = 0) -> report.Cell:
+    runs = {}
+    for seed, v in enumerate(finals, 1):
+        r = run(seed, 1, ics=0.1, beta=1.0, drift=1.0, top=v)
+        if seed <= diverged:
+            r.records[-1]["diverged"] = "the training loss is nan"
+        runs[seed] = r
+    return report.Cell(lr, runs)
+
+
+def test_the_stable_range_is_the_run_of_good_cells_around_the_best():
+    doc = {"protocol": {"rules": {**RULES, "seeds": [1, 2, 3]}}}
+    row = [cell(0.1, [0.90] * 3), cell(1, [0.955] * 3), cell(2, [0.96] * 3),
+           cell(5, [0.951] * 3), cell(10, [0.94] * 3), cell(20, [0.96] * 3, diverged=1)]  # fmt: skip
+    assert row[-1].diverged == 1 and row[-1].final != row[-1].final  # NaN: a seed diverged
+    assert report.stable_range(doc, row) == (1, 5)  # 20 is good but diverged once; 10 too low
+    assert report.stable_range(doc, [cell(1, [0.1] * 3, diverged=3)]) is None

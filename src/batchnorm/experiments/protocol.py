@@ -120,7 +120,8 @@ def run_protocol(
     echo(
         f"protocol {protocol.name}: {sum(map(len, grid_names.values()))} grid runs, then the winners"
     )
-    configs = [cfg for _, cfg in protocol.grid]
+    configs = list({experiment.run_name(c): c for _, c in protocol.grid}.values())  # a run may
+    # serve several families
     run_study(
         experiment, configs, out, dataset, preset=preset, jobs=jobs, progress=progress, echo=echo
     )

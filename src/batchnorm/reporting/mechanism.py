@@ -20,14 +20,29 @@ from .._atomic import write_text
 from .common import ReportError, band, first_step, save_figure, template
 from .stats import mean_interval
 
-__all__ = ["Arm", "arm_of", "verdicts", "write_report"]
+__all__ = [
+    "Arm",
+    "Cell",
+    "arm_of",
+    "cells",
+    "part2_verdicts",
+    "stable_range",
+    "verdicts",
+    "write_report",
+]
 
 ARMS = ("plain", "bn", "noisy-weak", "noisy-strong")
 COLOR = {"plain": "#444444", "bn": "#1f77b4", "noisy-weak": "#ff7f0e", "noisy-strong": "#d62728"}
 
 
 def _finished(run: runfiles.RunFiles) -> bool:
-    return bool(run.records) and run.records[-1]["step"] == run.config["steps"]
+    """Trained to the end, or stopped as diverged."""
+    last = run.records[-1] if run.records else {}
+    return bool(last) and (last["step"] == run.config["steps"] or bool(last.get("diverged")))
+
+
+def _diverged(run: runfiles.RunFiles) -> bool:
+    return bool(run.records[-1].get("diverged"))
 
 
 @dataclass(frozen=True)
@@ -86,7 +101,153 @@ def arm_of(doc: dict, runs: dict[str, runfiles.RunFiles], net: str, arm: str) ->
 
 
 def nets_of(doc: dict) -> list[str]:
-    return list(dict.fromkeys(f.split(":")[0] for f in doc["protocol"]["grid"]))
+    """The networks of part 1 (part 2's families are ``lr:<arm>:<lr>``)."""
+    return list(dict.fromkeys(f.split(":")[0] for f in doc["protocol"]["grid"] if f[:3] != "lr:"))
+
+
+# -- part 2: learning rates and scale -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (network, lr) cell of part 2: its finished runs by seed."""
+
+    lr: float
+    runs: dict[int, runfiles.RunFiles]
+
+    @property
+    def diverged(self) -> int:
+        return sum(_diverged(r) for r in self.runs.values())
+
+    @property
+    def final(self) -> float:
+        """Mean final validation accuracy (NaN if a seed diverged)."""
+        if self.diverged or not self.runs:
+            return math.nan
+        return statistics.fmean(r.series("val_acc")[1][-1] for r in self.runs.values())
+
+
+def cells(doc: dict, runs: dict[str, runfiles.RunFiles], arm: str) -> list[Cell]:
+    out = []
+    for lr in doc["protocol"]["rules"]["lr_grid"]:
+        names = doc["protocol"]["grid"].get(f"lr:{arm}:{lr:g}", [])
+        found = {runs[n].config["seed"]: runs[n] for n in names if n in runs and _finished(runs[n])}
+        out.append(Cell(lr, dict(sorted(found.items()))))
+    return out
+
+
+def stable_range(doc: dict, row: list[Cell]) -> tuple[float, float] | None:
+    """(lowest, largest) stable lr of the run of consecutive stable cells that holds the best."""
+    finals = [c.final for c in row]
+    if not any(math.isfinite(f) for f in finals):
+        return None
+    best = max(f for f in finals if math.isfinite(f))
+    ok = [
+        math.isfinite(f) and f >= best - doc["protocol"]["rules"]["stable_within"] for f in finals
+    ]
+    i = finals.index(best)
+    lo = hi = i
+    while lo > 0 and ok[lo - 1]:
+        lo -= 1
+    while hi + 1 < len(row) and ok[hi + 1]:
+        hi += 1
+    return row[lo].lr, row[hi].lr
+
+
+def _lr_table(doc: dict, runs: dict[str, runfiles.RunFiles]) -> str:
+    grid = doc["protocol"]["rules"]["lr_grid"]
+    rows = ["| network | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | stable range |",
+            "|---" * (2 + len(grid)) + "|"]  # fmt: skip
+    for arm in ("plain", "bn"):
+        row = cells(doc, runs, arm)
+        text = []
+        for c in row:
+            if not c.runs:
+                text.append("—")
+            elif c.diverged:
+                text.append(f"diverged ({c.diverged} of {len(c.runs)})")
+            else:
+                text.append(f"{100 * c.final:.2f}%")
+        rng = stable_range(doc, row)
+        span = "—" if rng is None else f"{rng[0]:g} – {rng[1]:g}"
+        rows.append(f"| {arm} | " + " | ".join(text) + f" | {span} |")
+    return "\n".join(rows)
+
+
+def _scale_errors(row: list[Cell], a: str) -> dict[str, float]:
+    """The largest step-0 scale-check errors at factor ``a`` of an arm's runs."""
+    out = {}
+    for key in ("weight_grad_error", "input_grad_error"):
+        vals = [r.records[0][f"scale_{key}"][a] for c in row for r in c.runs.values()
+                if f"scale_{key}" in r.records[0]]  # fmt: skip
+        out[key] = max(vals) if vals else math.nan
+    return out
+
+
+def _norm_growth(cell: Cell) -> str:
+    """Final ÷ initial norm of each hidden weight matrix, mean over seeds."""
+    if not cell.runs or cell.diverged:
+        return "—"
+    ratios = []
+    for r in cell.runs.values():
+        first, last = r.records[0]["w_norm"], r.records[-1]["w_norm"]
+        ratios.append([b / a for a, b in zip(first, last, strict=True)])
+    return ", ".join(f"{statistics.fmean(col):.1f}×" for col in zip(*ratios, strict=True))
+
+
+def part2_verdicts(doc: dict, runs: dict[str, runfiles.RunFiles]) -> list[tuple[str, str, str]]:
+    rules = doc["protocol"]["rules"]
+    rows = {arm: cells(doc, runs, arm) for arm in ("plain", "bn")}
+    n = len(rules["seeds"])
+    if any(len(c.runs) < n for row in rows.values() for c in row):
+        return [("part 2", "not every run has finished", "pending")]
+    err = {(arm, a): _scale_errors(row, a) for arm, row in rows.items() for a in ("10", "0.1")}
+
+    def fmt(e: dict[str, float]) -> str:
+        return f"{e['weight_grad_error']:.1e} / {e['input_grad_error']:.1e}"
+
+    worst = max(err["bn", "10"].values())
+    out = [
+        (
+            "6. With BN, a · ∂L/∂(aW) = ∂L/∂W and the gradient to the layer below is unchanged "
+            "(Sec. 3.3; judged at a = 10)",
+            f"largest relative error (weight gradient / input gradient) with BN at a = 10 "
+            f"{fmt(err['bn', '10'])}, at a = 0.1 {fmt(err['bn', '0.1'])} (ε counts); without BN "
+            f"at a = 10 {fmt(err['plain', '10'])}",
+            "holds" if worst < rules["scale_exact"] else "does not hold",
+        )
+    ]
+    ranges = {arm: stable_range(doc, row) for arm, row in rows.items()}
+    if None in ranges.values():
+        verdict = "not reproduced (a network has no stable cell)"
+    else:
+        ratio = ranges["bn"][1] / ranges["plain"][1]
+        verdict = (
+            "reproduced"
+            if ratio >= rules["higher_factor"]
+            else f"partly ({ratio:g}×, less than {rules['higher_factor']:g}×)"
+            if ratio > 1
+            else "not reproduced"
+        )
+    measured = "; ".join(
+        f"{arm}: stable {'none' if r is None else f'{r[0]:g} – {r[1]:g}'}"
+        for arm, r in ranges.items()
+    )
+    out.append(("7. BN allows much higher learning rates (largest stable lr ≥ 5× plain's)",
+                measured, verdict))  # fmt: skip
+    return out
+
+
+def _norm_table(doc: dict, runs: dict[str, runfiles.RunFiles]) -> str:
+    rows = ["| network | lr | hidden weight norms, end ÷ step 0 (per layer, mean over seeds) |",
+            "|---|---|---|"]  # fmt: skip
+    for arm in ("plain", "bn"):
+        row = cells(doc, runs, arm)
+        rng = stable_range(doc, row)
+        lrs = dict.fromkeys([1.0] + ([rng[1]] if rng else []))
+        for cell in (c for c in row if c.lr in lrs):
+            rows.append(f"| {arm} | {cell.lr:g} | {_norm_growth(cell)} |")
+    return "\n".join(rows)
 
 
 # -- verdicts -------------------------------------------------------------------------------------
@@ -275,7 +436,7 @@ def write_report(folder: str | Path, found: Sequence[runfiles.RunFiles]) -> Path
             f"{folder}` writes one (the report applies its rules)"
         )
     runs = {r.path.name: r for r in found}
-    names = [n for ns in doc["protocol"]["grid"].values() for n in ns]
+    names = list(dict.fromkeys(n for ns in doc["protocol"]["grid"].values() for n in ns))
     missing = [n for n in names if not (n in runs and _finished(runs[n]))]
     status = (
         f"**Unfinished: {len(missing)} of {len(names)} runs have not finished**; the numbers and "
@@ -287,6 +448,16 @@ def write_report(folder: str | Path, found: Sequence[runfiles.RunFiles]) -> Path
     for net in nets_of(doc):
         tables.append(f"### {net}\n\n{_table(doc, runs, net)}")
         table_rows += [f"| {c} | {m} | **{v}** |" for c, m, v in verdicts(doc, runs, net)]
+    part2 = "(not in this protocol)"
+    if "lr_grid" in doc["protocol"]["rules"]:
+        table_rows += [f"| {c} | {m} | **{v}** |" for c, m, v in part2_verdicts(doc, runs)]
+        part2 = (
+            "Final validation accuracy, mean over seeds (a cell is stable if no seed diverged and "
+            "it is within 1 point of the network's best):\n\n"
+            + _lr_table(doc, runs)
+            + "\n\n"
+            + _norm_table(doc, runs)
+        )
     plot(doc, runs, folder / "mechanism")
     first = next((r for r in runs.values() if _finished(r)), None)
     env = first.env.get("sessions", [{}])[0] if first else {}
@@ -301,6 +472,7 @@ def write_report(folder: str | Path, found: Sequence[runfiles.RunFiles]) -> Path
         protocol=doc["protocol"]["text"].strip(),
         rules=", ".join(f"`{k}` = {v}" for k, v in doc["protocol"]["rules"].items()),
         tables="\n\n".join(tables),
+        part2=part2,
         verdicts="\n".join(table_rows),
         minutes=f"{span:.0f}",
         torch=first.versions.get("torch", "?") if first else "?",

@@ -1,11 +1,15 @@
-"""The pre-registered mechanism study, part 1 of issue 20: is reduced internal covariate shift
-the cause of BN's speed-up (the paper, Sec. 1–2), or not (Santurkar et al. 2018)?
+"""The pre-registered mechanism study, parts 1 and 2 of issue 20: is reduced internal covariate
+shift the cause of BN's speed-up (the paper, Sec. 1–2), or not (Santurkar et al. 2018)? And does
+BN make back-propagation scale-invariant and tolerate much higher learning rates (Sec. 3.3)?
 
-Written before the first full run and not changed after it (the report names the commit that
-last changed this file; :mod:`batchnorm.experiments.protocol`). The report that applies
-:data:`RULES` is :mod:`batchnorm.reporting.mechanism`. Parts 2–5 of the issue (scale invariance
-and learning rates, saturating nonlinearities at depth, regularization, mini-batch size) are not
-part of this protocol; each will be registered on its own before it runs.
+Version 1 (part 1 alone, registered in 3d78501) ran once (``results/mechanism`` of that commit).
+Version 2 adds part 2 and leaves every run, measure and rule of part 1 as they were; it was
+written before any run of part 2. Each version is written before its first full run and not
+changed after it (the report names the commit that last changed this file;
+:mod:`batchnorm.experiments.protocol`). The report that applies :data:`RULES` is
+:mod:`batchnorm.reporting.mechanism`. Parts 3–5 of the issue (saturating nonlinearities at depth,
+regularization, mini-batch size) are not part of this protocol; each will be registered before
+it runs.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ ARMS = {
     "noisy-strong": ("noisy", 3.0, 2.0),
 }
 SEEDS = (1, 2, 3)
+LR_GRID = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)  # part 2, log-spaced
 RULES = {
     "ci": 0.95,
     "targets": [0.90, 0.95],  # validation accuracies for steps-to-target
@@ -34,6 +39,11 @@ RULES = {
     "fallback_target": 0.90,  # if BN does not reach the main target in every seed
     "lose_half": 0.5,  # noisy BN "loses" BN's gain if it loses at least this share of it
     "resolution": 250,  # steps: one evaluation interval, the resolution of steps-to-target
+    # part 2
+    "lr_grid": list(LR_GRID),
+    "stable_within": 0.01,  # final validation accuracy within 1 point of the arm's best cell
+    "higher_factor": 5.0,  # "much higher": BN's largest stable lr at least 5x plain's
+    "scale_exact": 1e-3,  # Sec. 3.3's identities hold if every relative error is below this
 }
 
 TEXT = """\
@@ -84,6 +94,30 @@ use 90% for it and say so; if BN does not reach 90% either, they are not decided
 Neither 1 nor 2 may hold (then: "neither"); both cannot, as 1 needs noisy BN to be slower than
 BN by at least half of BN's gain and 2 needs it within BN's range, unless BN's gain is smaller
 than the range (then: "undecided: BN's gain is within its seed spread").
+
+**Part 2: scale invariance and learning rates (Sec. 3.3).** The fig1 network without BN and with
+BN, lr ∈ {0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50}, seeds 1–3, 10,000 steps, measured as in
+part 1 (the lr 1 cells are part 1's fig1 runs). A run whose training loss becomes non-finite
+stops as diverged.
+Measures: the final validation accuracy; at step 0, for every hidden layer and a ∈ {0.1, 10},
+the relative errors of a · ∂L/∂(aW) against ∂L/∂W and of the gradient reaching the layer's input
+(W → aW, everything else fixed); the norm of every hidden weight matrix at every evaluation.
+A cell (network, lr) is *stable* if no seed diverged and its mean final validation accuracy is
+within 1 point of that network's best cell; a network's stable range is the run of consecutive
+stable cells of the grid that holds its best cell (its lowest and largest lr).
+
+6. *Gradients ∝ 1/a, the Jacobian unchanged (Sec. 3.3, an exact identity up to BN's ε)*: with
+   BN, holds if every error at step 0 for a = 10 (all seeds and layers) is below 1e-3. At
+   a = 0.1 the variance of Wu shrinks 100× towards ε (1e-5), which breaks the identity by a
+   relative O(ε/σ²); its errors are reported beside, as are those without BN (where the
+   identity does not hold). (Set after the 1,500-step quick run showed errors of 0.4 at a = 0.1
+   and before any full run of part 2. The same quick run showed 1.2e-2 at a = 10: at this init,
+   std 0.01, σ² of Wu is itself small against ε; the 1e-3 threshold was kept.)
+7. *BN allows much higher learning rates*: reproduced if BN's largest stable lr is at least 5×
+   plain's; partly if larger but less than 5×; not reproduced otherwise. The report gives each
+   network's stable range (its lowest and largest stable lr).
+8. The weight norms are reported (their growth from step 0 to the end at lr 1 and at each
+   network's largest stable lr), without a verdict.
 """
 
 
@@ -102,18 +136,30 @@ def _runs(
     return out
 
 
+def _lr_runs(base: MechanismConfig, grid, seeds) -> list[tuple[str, MechanismConfig]]:
+    hidden, std = NETS["fig1"]
+    out = []
+    for arm in ("plain", "bn"):
+        for lr in grid:
+            for seed in seeds:
+                cfg = replace(base, network=arm, hidden=hidden, init_std=std, lr=lr, seed=seed)
+                out.append((f"lr:{arm}:{lr:g}", cfg))
+    return out
+
+
 def protocol(base: MechanismConfig, quick: bool = False) -> Protocol:
     """The study on ``base`` (the command line's other settings, such as threads); ``quick``:
     the same arms at CI size (``base`` is then the --quick preset): the fig1 network only, seed
-    1."""
+    1, and four learning rates."""
     if quick:
-        runs = _runs(base, {"fig1": NETS["fig1"]}, ARMS, (1,))
-        rules = {**RULES, "seeds": [1]}
-        name = "mechanism-ics-v1-quick"
+        grid = (0.2, 1.0, 5.0, 50.0)
+        runs = _runs(base, {"fig1": NETS["fig1"]}, ARMS, (1,)) + _lr_runs(base, grid, (1,))
+        rules = {**RULES, "seeds": [1], "lr_grid": list(grid)}
+        name = "mechanism-v2-quick"
     else:
-        runs = _runs(base, NETS, ARMS, SEEDS)
+        runs = _runs(base, NETS, ARMS, SEEDS) + _lr_runs(base, LR_GRID, SEEDS)
         rules = {**RULES, "seeds": list(SEEDS)}
-        name = "mechanism-ics-v1"
+        name = "mechanism-v2"
     return Protocol(
         name=name, source=__file__, text=TEXT, grid=runs, metric={}, last=1,
         then=lambda winners: [], rules=rules,

@@ -10,10 +10,15 @@ bitwise as without them, :mod:`batchnorm.tools.instruments`):
   step (:func:`~batchnorm.tools.internal_covariate_shift`);
 - ``beta``, ``loss_var``, ``grad_var``: the loss and gradient along the gradient step at
   lr × [0.05, 4] (:func:`~batchnorm.tools.smoothness`);
+- ``w_norm`` (every evaluation): the Frobenius norm of every hidden layer's weight; at step 0
+  ``scale_weight_grad_error`` / ``scale_input_grad_error``: Sec. 3.3's scale check
+  (:func:`~batchnorm.tools.scale_check`, W → aW, a = 0.1 and 10);
 - the distributions of every hidden sigmoid's input on the first ``probe_examples`` validation
   images, in training mode (what the layers above see while training: noisy BN's noise on, BN
   with the probe batch's statistics), kept by a :class:`~batchnorm.tools.ShiftTracker` that is
   checkpointed with the run; at the end its drift summaries go to ``shift.json``.
+
+A non-finite training loss stops the run as diverged (the loop's record says so).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from torch import nn
 from ... import runfiles
 from ..._atomic import write_text
 from ...nn import NoisyBatchNorm1d
-from ...tools import ShiftTracker, internal_covariate_shift, smoothness
+from ...tools import ShiftTracker, internal_covariate_shift, scale_check, smoothness
 from ..mnist.model import build_mlp
 from ..mnist.task import MnistTask
 from ..runs import derive_seed
@@ -38,6 +43,7 @@ from .config import MechanismConfig
 __all__ = ["SHIFT", "MechanismTask", "run_name"]
 
 SHIFT = runfiles.SHIFT
+SCALES = (0.1, 10.0)  # the weight scales a of the step-0 scale check (Sec. 3.3)
 
 
 def run_name(cfg: MechanismConfig) -> str:
@@ -90,20 +96,39 @@ class MechanismTask(MnistTask):
         for m, g in zip(self._noisy(), state["noise"], strict=True):
             m.generator.set_state(g)
 
+    def train_step(self, step: int, ranks) -> str | None:
+        super().train_step(step, ranks)
+        if not torch.isfinite(self.loss_sum):  # the sum since the last evaluation
+            return f"the training loss is {float(self.loss_sum)}"
+        return None
+
+    def _linear(self) -> list[nn.Linear]:
+        return [m for m in self.model if isinstance(m, nn.Linear)]
+
     def _instruments(self, step: int) -> dict:
-        """ICS and smoothness on the batch the run trains on next."""
+        """ICS and smoothness on the batch the run trains on next; at step 0 also Sec. 3.3's
+        scale check of every hidden layer (W → aW for a = 0.1 and 10: the largest relative
+        error, over the layers, of a · ∂L/∂(aW) against ∂L/∂W and of the gradient reaching the
+        layer's input)."""
         idx = self.order.indices(step + 1)
         batch = (self.d.x_train.index_select(0, idx), self.d.y_train.index_select(0, idx))
-        linear = [m for m in self.model if isinstance(m, nn.Linear)]
+        linear = self._linear()
         ics = internal_covariate_shift(self.model, _loss, batch, self.opt, layers=linear[1:])
         smooth = smoothness(self.model, _loss, batch, lr=self.cfg.lr)
-        return {
+        rec = {
             "ics_rel": [round(x.relative, 6) for x in ics.layers],
             "ics_cos": [round(x.cosine, 6) for x in ics.layers],
             "beta": smooth.beta,
             "loss_var": smooth.loss_variation,
             "grad_var": smooth.grad_variation,
         }
+        if step == 0:
+            checks = scale_check(self.model, _loss, batch, linear[:-1], factors=SCALES).checks
+            for key in ("weight_grad_error", "input_grad_error"):
+                rec[f"scale_{key}"] = {
+                    f"{a:g}": max(getattr(c, key) for c in checks if c.factor == a) for a in SCALES
+                }
+        return rec
 
     def evaluate(self, step: int) -> dict:
         start = time.perf_counter()
@@ -113,6 +138,7 @@ class MechanismTask(MnistTask):
         finally:
             self.model.train()
         self.tracker.record(step)
+        rec["w_norm"] = [round(float(m.weight.detach().norm()), 6) for m in self._linear()[:-1]]
         if step % self.cfg.instrument_every == 0 and step < self.steps:
             rec |= self._instruments(step)
         rec["eval_s"] = time.perf_counter() - start
