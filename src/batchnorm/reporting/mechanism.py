@@ -426,6 +426,32 @@ def plot(doc: dict, runs: dict[str, runfiles.RunFiles], stem: Path) -> list[Path
     return save_figure(fig, stem)
 
 
+def plot_lr(doc: dict, runs: dict[str, runfiles.RunFiles], stem: Path) -> list[Path]:
+    """Part 2: final validation accuracy against the learning rate (mean, min–max over seeds),
+    the stable range shaded."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.0), layout="constrained")
+    ax = fig.subplots()
+    for arm, color in (("plain", COLOR["plain"]), ("bn", COLOR["bn"])):
+        row = [c for c in cells(doc, runs, arm) if c.runs]
+        finals = [[r.series("val_acc")[1][-1] for r in c.runs.values()] for c in row]
+        lrs = [c.lr for c in row]
+        ax.plot(lrs, [statistics.fmean(v) for v in finals], "o-", color=color, label=arm)
+        ax.fill_between(lrs, [min(v) for v in finals], [max(v) for v in finals], color=color,
+                        alpha=0.2, lw=0)  # fmt: skip
+        rng = stable_range(doc, row)
+        if rng:
+            ax.axvspan(rng[0], rng[1], color=color, alpha=0.08)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (plain SGD)")
+    ax.set_ylabel("final validation accuracy")
+    ax.set_title("fig1 network, 10,000 steps: shaded, each network's stable range", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return save_figure(fig, stem)
+
+
 def write_report(folder: str | Path, found: Sequence[runfiles.RunFiles]) -> Path:
     """``report.md`` and ``mechanism.png/svg`` of a mechanism study folder."""
     folder = Path(folder)
@@ -457,7 +483,9 @@ def write_report(folder: str | Path, found: Sequence[runfiles.RunFiles]) -> Path
             + _lr_table(doc, runs)
             + "\n\n"
             + _norm_table(doc, runs)
+            + "\n\n![final accuracy against the learning rate](mechanism_lr.png)"
         )
+        plot_lr(doc, runs, folder / "mechanism_lr")
     plot(doc, runs, folder / "mechanism")
     first = next((r for r in runs.values() if _finished(r)), None)
     env = first.env.get("sessions", [{}])[0] if first else {}
