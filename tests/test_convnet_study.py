@@ -225,8 +225,12 @@ def test_claim_6_the_factor_must_grow_with_the_budget():
     assert verdict(study({"tuned": BASE, "paper": paper, **partly}), "6. ")[1].startswith("partly")
     flat = {"budget:500": budget(8, 2), "budget:2000": budget(6, 2)}  # 4x, 4x, 3x
     assert verdict(study({"tuned": BASE, "paper": paper, **flat}), "6. ")[1] == "not reproduced"
+    undefined = {"budget:500": budget(4, 2), "budget:2000": budget(11, 2)}  # the Baseline never
+    assert verdict(study({"tuned": BASE, "paper": paper, **undefined}), "6. ")[1].startswith(
+        "not reproduced (the factor is undefined"
+    )
     largest = report.largest_factor(study({"tuned": BASE, "paper": paper, **grows}))
-    assert largest[0] == "BN-x5 (role budget:2000)" and largest[1].value == 5.0
+    assert largest[0] == "BN-x5 (role budget:2000, 2 seed(s))" and largest[1].value == 5.0
 
 
 def test_controls_and_pending_claims():
@@ -241,3 +245,13 @@ def test_controls_and_pending_claims():
     assert verdict(s, "5. The Baseline at 5×")[1] == "reproduced"
     assert verdict(s, "1. BN-x5")[1] == "pending"  # no paper run has finished
     assert verdict(s, "2. ")[1] == "pending"
+    s = study({"tuned": BASE, "control": controls[:2]})  # Baseline-x5 has not run
+    assert verdict(s, "5. the controls")[1] == "pending"
+
+
+def test_a_diverged_grid_run_loses_the_selection():
+    ok = run("baseline", 0, [0.5, 0.8, 0.85])
+    div = run("baseline", 0, [0.5, 0.9, 0.95])
+    div.records[-1]["diverged"] = "the training loss is 1.2e+04"
+    assert runfiles.score(div, "val_acc", 2) == float("-inf")
+    assert runfiles.select([div, ok], "val_acc", 2) is ok

@@ -176,7 +176,8 @@ def test_the_target_falls_back_to_90_percent_and_a_never_counts_as_the_budget():
     ics = next(m for c, m, v in report.verdicts(doc, runs, "fig1") if c.startswith("fig1: BN red"))
     assert "plain never reaches 90%" in ics and "barely learns" in ics
     s = study(arms(11, [2, 3, 2], [3, 3, 3], top=0.85))
-    assert verdict(s, "fig1: all") == "no target"
+    assert verdict(s, "fig1: 1, 2 and 5") == "no target"
+    assert verdict(s, "fig1: BN reduces") == "yes"  # 3 and 4 need no target
 
 
 def cell(lr: float, finals: list[float], diverged: int = 0) -> report.Cell:
@@ -196,3 +197,12 @@ def test_the_stable_range_is_the_run_of_good_cells_around_the_best():
     assert row[-1].diverged == 1 and row[-1].final != row[-1].final  # NaN: a seed diverged
     assert report.stable_range(doc, row) == (1, 5)  # 20 is good but diverged once; 10 too low
     assert report.stable_range(doc, [cell(1, [0.1] * 3, diverged=3)]) is None
+
+
+def test_the_study_needs_its_validation_images():
+    from batchnorm.experiments.config import ConfigError
+
+    with pytest.raises(ConfigError, match="validation"):
+        mechanism.MechanismConfig(validation=0)
+    with pytest.raises(ConfigError, match="noise_scale"):
+        mechanism.MechanismConfig(network="bn", noise_scale=2.0)

@@ -300,8 +300,11 @@ def _schema1(
 
 
 def score(run: RunFiles, metric: str, last: int) -> float:
-    """The mean of ``metric`` over the run's last ``last`` evaluations that have it (−inf if
-    none: a run that diverged before it was measured loses every comparison)."""
+    """The mean of ``metric`` over the run's last ``last`` evaluations that have it; −inf for a
+    run that diverged (it has no last evaluations of its budget: it loses every comparison) or
+    has none."""
+    if run.records and run.records[-1].get("diverged"):
+        return float("-inf")
     values = [r[metric] for r in run.records if r.get(metric) is not None][-last:]
     return sum(values) / len(values) if values else float("-inf")
 

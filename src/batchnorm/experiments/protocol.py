@@ -120,8 +120,8 @@ def run_protocol(
     echo(
         f"protocol {protocol.name}: {sum(map(len, grid_names.values()))} grid runs, then the winners"
     )
-    configs = list({experiment.run_name(c): c for _, c in protocol.grid}.values())  # a run may
-    # serve several families
+    # a run may serve several families: it trains once
+    configs = list({experiment.run_name(c): c for _, c in protocol.grid}.values())
     run_study(
         experiment, configs, out, dataset, preset=preset, jobs=jobs, progress=progress, echo=echo
     )

@@ -85,6 +85,11 @@ class Study:
         names += [n for names in self.roles.values() for n in names]
         return [n for n in dict.fromkeys(names) if not (n in self.runs and self.runs[n].complete)]
 
+    def done(self, role: str) -> bool:
+        """Every run of ``role`` has finished."""
+        missing = set(self.missing())
+        return all(n not in missing for n in self.roles.get(role, []))
+
     def reference(self, role: str) -> str:
         """The role whose Baseline a condition is measured against."""
         return role if role.startswith("budget:") else "tuned"
@@ -301,12 +306,15 @@ def verdicts(study: Study) -> list[tuple[str, str, str]]:
     base = study.of("tuned", "baseline")
     controls = {n: list(study.of("control", n).values()) for n in
                 ("bn-x5-sigmoid", "baseline-sigmoid", "baseline-x5")}  # fmt: skip
-    if base and t is not None:
+    if base and t is not None and all(controls.values()):
         base_best = statistics.fmean(best(r, TEST) for r in base.values())
         for claim, measured, verdict in control_verdicts(
             controls, base_best, lambda r: reach(r, VAL, t), rules
         ):
             out.append((f"5. {claim}", measured, verdict))
+    else:
+        out.append(("5. the controls (BN-x5-Sigmoid, Baseline-Sigmoid, Baseline-x5)", "—",
+                    "pending"))  # fmt: skip
 
     out.append(_budget_verdict(study))
     return out
@@ -326,17 +334,19 @@ def _budget_verdict(study: Study) -> tuple[str, str, str]:
     found = []
     for steps, role in budgets(study):
         t = study.target(role)
-        if t is None:
-            continue
-        f = factor(study, role, "bn-x5", VAL, t)
-        if f.factors:
-            found.append((steps, statistics.fmean(f.factors), f))
+        f = factor(study, role, "bn-x5", VAL, t) if t is not None else None
+        done = f is not None and study.done(role) and study.done(study.reference(role))
+        found.append((steps, statistics.fmean(f.factors) if f and f.factors else None, f, done))
     measured = "; ".join(
-        f"{steps:,} steps: {_fmt_factor(f, study.rules['bootstrap'])}" for steps, _, f in found
+        f"{steps:,} steps: {_fmt_factor(f, study.rules['bootstrap'])}"
+        for steps, _, f, _ in found
+        if f is not None
     )
-    if len(found) < len(budgets(study)) or len(found) < 2:
+    if not all(done for *_, done in found) or len(found) < 2:
         return claim, measured or "—", "pending"
-    values = [v for _, v, _ in found]
+    if any(v is None for _, v, _, _ in found):
+        return claim, measured, "not reproduced (the factor is undefined at a budget)"
+    values = [v for _, v, _, _ in found]
     if all(a < b for a, b in itertools.pairwise(values)):
         return claim, measured, "reproduced"
     if values[-1] > values[0]:
@@ -383,7 +393,10 @@ def _grid_table(study: Study, family: str, winner: ConvRun) -> str:
         for hl in hls:
             r = next(r for r in grid if (r.config["lr"], r.config["lr_half_life"]) == (lr, hl))
             s = runfiles.score(r, metric, last)
-            text = "diverged" if not math.isfinite(s) else f"{100 * s:.2f}%"
+            text = (
+                f"diverged at step {r.diverged[0]:,}" if r.diverged
+                else "—" if not math.isfinite(s) else f"{100 * s:.2f}%"
+            )  # fmt: skip
             cells.append(f"**{text}**" if r is winner else text)
         rows.append(f"| {lr:g} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -505,15 +518,16 @@ def _budget_table(study: Study) -> str:
 
 
 def largest_factor(study: Study) -> tuple[str, Interval] | None:
-    """The largest mean factor to T of any BN network in any condition, with its interval."""
+    """The largest mean factor to T of any BN network in any condition, with its interval and
+    the number of seeds it rests on."""
     found = []
     for role in study.roles:
         t = study.target(role)
         nets = {r.net for r in (study.runs.get(n) for n in study.roles[role]) if r}
-        for net in sorted(nets - {"baseline"}):
+        for net in sorted(n for n in nets if n.startswith("bn")):
             iv = factor(study, role, net, VAL, t).interval(study.rules["bootstrap"]) if t else None
             if iv is not None:
-                found.append((f"{study.label(net)} (role {role})", iv))
+                found.append((f"{study.label(net)} (role {role}, {iv.n} seed(s))", iv))
     return max(found, key=lambda x: x[1].value, default=None)
 
 
@@ -538,7 +552,7 @@ def plot_figure2(study: Study, stem: Path) -> list[Path]:
         if not runs:
             continue
         steps = max(steps, runs[0].steps)
-        first = min(first, min(s for s in runs[0].series(VAL)[0] if s > 0))
+        first = min(first, min((s for s in runs[0].series(VAL)[0] if s > 0), default=first))
         label = f"{study.label(net)} ({_recipe(runs[0])}; n={len(runs)})"
         band(ax_a, [r.series(TEST) for r in runs], label, alpha=0.15, **_style(net))
         if role != "control":
@@ -550,6 +564,8 @@ def plot_figure2(study: Study, stem: Path) -> list[Path]:
     )
     ax_a.set_ylabel("accuracy (BN: moving-average statistics)")
     ax_b.set_xscale("log")
+    if not math.isfinite(first):  # no evaluation run has finished yet
+        first = 1
     ax_b.set_xlim(first, steps)
     if t is not None:
         ax_b.axhline(t, color="k", lw=0.8, ls=":")

@@ -52,6 +52,13 @@ class MechanismConfig(MnistConfig):
                 "instrument_every",
                 f"= {self.instrument_every} must be a multiple of eval_every = {self.eval_every}",
             )
+        if self.validation < self.probe_examples:
+            raise self.error(
+                "validation",
+                f"= {self.validation}: the study measures on validation images (steps to a "
+                f"validation accuracy, the drift probe of {self.probe_examples} of them); hold "
+                "out at least that many",
+            )
         if self.network != "noisy" and (self.noise_scale, self.noise_shift) != (1.0, 0.0):
             raise self.error("noise_scale", "is noisy BN's; the network is " + self.network)
 

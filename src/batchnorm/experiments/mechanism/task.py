@@ -65,7 +65,7 @@ class MechanismTask(MnistTask):
         super().__init__(cfg, d)
         self.name = run_name(cfg)
         self.progress_keys = ("val_acc",)
-        probe = d.x_val[: cfg.probe_examples] if len(d.y_val) else d.x_test[: cfg.probe_examples]
+        probe = d.x_val[: cfg.probe_examples]  # the config holds out at least that many
         self.tracker = ShiftTracker(self.model, [probe], modules=nn.Sigmoid, mode="train")
 
     def build_model(self, cfg: MechanismConfig) -> nn.Module:
@@ -98,9 +98,10 @@ class MechanismTask(MnistTask):
 
     def train_step(self, step: int, ranks) -> str | None:
         super().train_step(step, ranks)
-        if not torch.isfinite(self.loss_sum):  # the sum since the last evaluation
-            return f"the training loss is {float(self.loss_sum)}"
-        return None
+        bad = float(not torch.isfinite(self.loss_sum))  # the sum since the last evaluation
+        if ranks.world > 1:  # every rank stops together
+            (bad,) = ranks.sum([bad])
+        return "the training loss is not finite" if bad else None
 
     def _linear(self) -> list[nn.Linear]:
         return [m for m in self.model if isinstance(m, nn.Linear)]
