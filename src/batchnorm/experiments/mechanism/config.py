@@ -31,6 +31,9 @@ class MechanismConfig(MnistConfig):
     eval_every: int = param(
         250, "steps between evaluations, instrument readings and checkpoints", check=positive_int
     )
+    # the Figure 1 task's settings this study does not use (kept for config.json, off the CLI)
+    population_batches: int = param(100, "not used by this study", check=positive_int, cli=False)
+    layer_every: int = param(2_500, "not used by this study", check=positive_int, cli=False)
     noise_scale: float = param(
         1.0, "noisy BN: each step's per-unit scale s ~ U(1, noise_scale)", check=between(1.0, 100.0)
     )
