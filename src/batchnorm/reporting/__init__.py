@@ -33,6 +33,10 @@ def write_report(folder: str | Path) -> Path:
 
         return mnist.write_reports(folder, runs)
     if kinds[0] == "convnet":
+        if "protocol" in runfiles.read_study(folder):  # the pre-registered study
+            from . import convnet_study
+
+            return convnet_study.write_study_report(folder, runs)
         from . import convnet
 
         return convnet.write_report(folder, runs)

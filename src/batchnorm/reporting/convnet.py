@@ -883,13 +883,8 @@ def _photometric_factor(study: Study) -> str:
 
 
 def write_report(folder: str | Path, runs: Sequence[runfiles.RunFiles] | None = None) -> Path:
-    """``report.md`` and ``figure2.png/svg`` in the study folder; returns the report's path. A
-    pre-registered study (``study.json`` with a protocol) gets its own report
-    (:mod:`.convnet_study`)."""
-    if "protocol" in runfiles.read_study(folder):
-        from .convnet_study import write_study_report
-
-        return write_study_report(folder, runs or runfiles.find_runs(folder))
+    """``report.md`` and ``figure2.png/svg`` in the study folder; returns the report's path. (A
+    pre-registered study gets its own report, :mod:`.convnet_study`.)"""
     study = load_study(folder, runs)
     plot_figure2(study)
     cfg = study.config
