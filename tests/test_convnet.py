@@ -347,6 +347,36 @@ def test_divergence_ends_the_run_cleanly_and_is_not_retried(prepared, tmp_path, 
     run_one(convnet.EXPERIMENT, cfg, run_dir, prepared, progress=False, echo=lines.append)
     assert "already complete (diverged at step" in lines[-1]
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+    (run_dir / runfiles.CHECKPOINT).unlink()  # kept without it (results/): still complete
+    run_one(convnet.EXPERIMENT, cfg, run_dir, prepared, progress=False, echo=lines.append)
+    assert lines[-1].endswith(f"diverged at step {last['step']}; kept without its checkpoint)")
+    assert records(run_dir) == recs
+
+
+def test_a_run_kept_without_its_checkpoint_is_complete_and_a_partial_one_trains_again(
+    prepared, tmp_path
+):
+    """results/ keeps run folders without checkpoint.pt: a study continued on them (another
+    session, another machine) takes the finished ones as they are and retrains the others."""
+    cfg = replace(convnet.ConvnetConfig(), network="bn-baseline", **TINY)
+    lines = []
+    run_dir = run_one(
+        convnet.EXPERIMENT, cfg, tmp_path / "run", prepared, progress=False, echo=lines.append
+    )
+    (run_dir / runfiles.CHECKPOINT).unlink()
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    run_one(convnet.EXPERIMENT, cfg, run_dir, prepared, progress=False, echo=lines.append)
+    assert lines[-1].endswith("already complete (40 steps; kept without its checkpoint)")
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+    # a partial run without its checkpoint cannot resume: it trains again, to the same metrics
+    full = records(run_dir)
+    path = run_dir / runfiles.METRICS
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:2]))
+    run_one(convnet.EXPERIMENT, cfg, run_dir, prepared, progress=False, echo=lines.append)
+    assert "already complete" not in lines[-1]
+    again = records(run_dir)
+    drop = lambda recs: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in recs]  # noqa: E731
+    assert drop(again) == drop(full)
 
 
 # -- the quick study, end to end ------------------------------------------------------------------

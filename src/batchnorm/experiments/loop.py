@@ -6,6 +6,10 @@ itself. :func:`train` does everything else, the same way for every study:
 
 1. claims the run folder and writes or checks its ``config.json`` (:func:`~.runs.open_run`);
 2. resumes from ``checkpoint.pt`` if there is one (a finished or stopped run is not retrained);
+   a folder kept without its checkpoint (as ``results/`` keeps them) whose ``metrics.jsonl``
+   ends at the last step or with a divergence is complete too (and is not measured again by
+   ``task.finish``, which needs the trained network); anything else without a checkpoint trains
+   from step 0;
 3. evaluates at step 0, then trains; at each of the task's evaluation steps it records
    ``{"step", **task.train_metrics(...), **task.evaluate(...), "train_s"}`` and checkpoints the
    task's state with the metrics so far (so a checkpoint and its metrics never disagree);
@@ -119,6 +123,7 @@ class _Loop:
         self.report = progress if callable(progress) else None
         self.show_bar = progress is True and ranks.writer
         self.lines = progress is False and ranks.writer
+        self.kept = False  # complete by its metrics alone: a folder kept without its checkpoint
 
     def run(self, seed: int, source: str) -> Path:
         task, ranks = self.task, self.ranks
@@ -131,8 +136,10 @@ class _Loop:
                     if self.stopped
                     else f"{task.steps} steps"
                 )
-                self.echo(f"{self.run_dir}: already complete ({how})")
-                task.finish(self.run_dir)
+                kept = "; kept without its checkpoint" if self.kept else ""
+                self.echo(f"{self.run_dir}: already complete ({how}{kept})")
+                if not self.kept:
+                    task.finish(self.run_dir)
             return self.run_dir
         task.prepare(ranks)
         if ranks.writer:
@@ -157,7 +164,7 @@ class _Loop:
         path = self.run_dir / runfiles.CHECKPOINT
         state = runs.load_checkpoint(path, CHECKPOINT_VERSION)
         if state is None:
-            return 0
+            return self._kept()
         self.task.load_state_dict(state["task"])
         self.records, self.train_s, self.stopped = (
             state["metrics"],
@@ -167,6 +174,20 @@ class _Loop:
         if self.ranks.writer:  # metrics written after the checkpoint may be newer
             runs.write_metrics(self.run_dir, self.records)
         return state["step"]
+
+    def _kept(self) -> int:
+        """Without a checkpoint: the last step if ``metrics.jsonl`` shows a finished run (its last
+        record at the last step, or a divergence), else 0 (train from the start)."""
+        if not (self.run_dir / runfiles.METRICS).is_file():
+            return 0
+        records, _ = runfiles.read_records(self.run_dir)
+        last = records[-1] if records else {}
+        if "diverged" in last:
+            self.stopped = {"step": last["step"], "reason": last["diverged"]}
+        elif last.get("step") != self.task.steps:
+            return 0
+        self.records, self.train_s, self.kept = records, last.get("train_s", 0.0), True
+        return last["step"]
 
     def _train(self, start: int) -> None:
         task, ranks = self.task, self.ranks
