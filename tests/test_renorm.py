@@ -96,3 +96,89 @@ def test_bad_settings():
     layer.d_max = -1.0
     with pytest.raises(ValueError, match="d_max >= 0"):
         layer(torch.randn(4, 3))
+
+
+# -- ghost batches (virtual_batch_size) -----------------------------------------------------------
+
+
+def _ghost_layer(cls, r_max, d_max, **kw):
+    layer = cls(3, r_max=r_max, d_max=d_max, dtype=torch.float64, **kw)
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        layer.running_var.copy_(torch.tensor([0.3, 4.0, 1.0]))
+        layer.weight.copy_(torch.tensor([1.5, 0.5, -1.0]))
+        layer.bias.copy_(torch.tensor([0.1, 0.2, 0.3]))
+    return layer
+
+
+@pytest.mark.parametrize("r_max, d_max", [(3.0, 5.0), (1.2, 0.1)])  # bounds that clip, or not
+@pytest.mark.parametrize(("cls", "shape", "size"), [
+    (BatchRenorm1d, (12, 3), 4), (BatchRenorm1d, (10, 3), 4), (BatchRenorm2d, (10, 3, 3, 2), 4),
+])  # fmt: skip
+def test_ghost_batches_each_renormalized_and_one_running_update(cls, shape, size, r_max, d_max):
+    layer = _ghost_layer(cls, r_max, d_max, virtual_batch_size=size)
+    rm, rv = layer.running_mean.clone(), layer.running_var.clone()
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).requires_grad_()
+    g = torch.randn(shape, dtype=torch.float64)
+    layer(x).backward(g)
+    x2 = x.detach().clone().requires_grad_()
+    w2 = layer.weight.detach().clone().requires_grad_()
+    b2 = layer.bias.detach().clone().requires_grad_()
+    y2 = torch.cat([
+        renorm_reference(c, w2, b2, rm, rv, layer.eps, r_max, d_max) for c in x2.split(size)
+    ])  # fmt: skip
+    y2.backward(g)
+    y = _ghost_layer(cls, r_max, d_max, virtual_batch_size=size)(x.detach())
+    torch.testing.assert_close(y, y2.detach(), **TOL[torch.float64])
+    torch.testing.assert_close(x.grad, x2.grad, **TOL[torch.float64])
+    torch.testing.assert_close(layer.weight.grad, w2.grad, **TOL[torch.float64])
+    torch.testing.assert_close(layer.bias.grad, b2.grad, **TOL[torch.float64])
+    dims = [0, *range(2, len(shape))]
+    whole = x.detach()
+    torch.testing.assert_close(layer.running_mean, 0.9 * rm + 0.1 * whole.mean(dims))
+    torch.testing.assert_close(layer.running_var, 0.9 * rv + 0.1 * whole.var(dims, correction=1))
+    assert int(layer.num_batches_tracked) == 1  # one step, one update
+    # a ghost batch is not the whole batch: the outputs differ from plain renorm's
+    assert not torch.allclose(y, _ghost_layer(cls, r_max, d_max)(x.detach()))
+
+
+def test_ghost_batches_no_smaller_than_the_batch_are_plain_renorm():
+    x = torch.randn(8, 3, dtype=torch.float64) * 3
+    for size in (8, 100):
+        a, b = (
+            _ghost_layer(BatchRenorm1d, 3.0, 5.0, virtual_batch_size=size),
+            _ghost_layer(BatchRenorm1d, 3.0, 5.0),
+        )
+        assert torch.equal(a(x), b(x))
+        assert torch.equal(a.running_mean, b.running_mean)
+        assert torch.equal(a.running_var, b.running_var)
+
+
+def test_ghost_renorm_in_its_warmup_is_ghost_bn_and_eval_ignores_the_ghosts():
+    from batchnorm.nn import GhostBatchNorm1d
+
+    a = _ghost_layer(BatchRenorm1d, 3.0, 5.0, virtual_batch_size=4, warmup=5)
+    b = GhostBatchNorm1d(3, dtype=torch.float64, virtual_batch_size=4)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(12, 3, dtype=torch.float64) * 2 + 1
+    torch.testing.assert_close(a(x), b(x), **TOL[torch.float64])
+    torch.testing.assert_close(a.running_var, b.running_var, **TOL[torch.float64])
+    a.warmup = 0
+    assert not torch.allclose(a(x), b(x))  # the corrections are on now
+    a.eval()
+    plain = BatchRenorm1d(3, dtype=torch.float64).eval()
+    plain.load_state_dict(a.state_dict())
+    assert torch.equal(a(x), plain(x))
+    assert "virtual_batch_size=4" in repr(a) and "virtual_batch_size" not in repr(plain)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_bad_ghost_sizes_are_refused(bad):
+    with pytest.raises(ValueError, match="virtual_batch_size must be a positive int"):
+        BatchRenorm1d(3, virtual_batch_size=bad)
+
+
+def test_a_last_ghost_batch_of_one_example_is_refused():
+    layer = BatchRenorm1d(3, virtual_batch_size=4)
+    with pytest.raises(ValueError, match=r"last ghost batch .* holds 1 example"):
+        layer(torch.randn(9, 3))

@@ -17,6 +17,10 @@ training loop may change at any step.
 
 Inference is BN's (Alg. 2 line 11 with the running statistics); parameters and buffers are BN's,
 so checkpoints load into ``torch.nn.BatchNorm*`` and back.
+
+With ``virtual_batch_size`` the batch is normalized in ghost batches (as
+:mod:`batchnorm.nn.ghost`'s Ghost BN), each with its own statistics and its own r and d: Batch
+Renorm as it is meant for, statistics from a few examples, inside one larger batch.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..functional.core import _train, check_hyperparameters
+from ..functional.stats import Moments, merge_moments
 from ..functional.steps import moments
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
@@ -41,6 +46,11 @@ class _RenormMixin:
         warmup: training steps (counted by ``num_batches_tracked``) of plain BN before the
             corrections apply, while the moving averages settle (the paper starts at r_max = 1,
             d_max = 0). Default 0.
+        virtual_batch_size: examples per ghost batch (along dimension 0), or None (default: the
+            whole batch). Each ghost batch is normalized with its own statistics and corrected
+            with its own r and d; the moving averages get one update per step with the whole
+            batch's mean and variance (as Ghost BN's). The last ghost batch takes what is left
+            and must hold more than one value per channel.
 
     The moving averages are updated from the *batch* statistics (as in BN), with the layer's
     ``momentum``; the paper uses a small one. Needs ``track_running_stats=True``.
@@ -59,6 +69,7 @@ class _RenormMixin:
         r_max: float = 3.0,
         d_max: float = 5.0,
         warmup: int = 0,
+        virtual_batch_size: int | None = None,
         **kwargs,
     ) -> None:
         super().__init__(  # type: ignore[call-arg]
@@ -71,6 +82,12 @@ class _RenormMixin:
             )
         self.r_max, self.d_max, self.warmup = r_max, d_max, warmup
         self._check_bounds()
+        vbs = virtual_batch_size
+        if vbs is not None and (not isinstance(vbs, int) or isinstance(vbs, bool) or vbs < 1):
+            raise ValueError(
+                f"{self._where()}: virtual_batch_size must be a positive int or None, got {vbs!r}"
+            )
+        self.virtual_batch_size = vbs
 
     def _check_bounds(self) -> None:
         if not self.r_max >= 1 or not self.d_max >= 0 or self.warmup < 0:
@@ -95,18 +112,10 @@ class _RenormMixin:
         self._check(input, True)
         self._check_bounds()
         check_hyperparameters(self.eps, self.momentum, self._where())
-        weight, bias = self.weight, self.bias
-        if input.numel() and int(self.num_batches_tracked) >= self.warmup:  # (empty: no r, d)
-            with torch.no_grad():
-                mean_b, var_b = moments(input)  # float64, the same kernel the forward runs
-                sigma = torch.sqrt(self.running_var.double() + self.eps)
-                r = (torch.sqrt(var_b + self.eps) / sigma).clamp(1 / self.r_max, self.r_max)
-                d = ((mean_b - self.running_mean.double()) / sigma).clamp(-self.d_max, self.d_max)
-            dtype = weight.dtype if weight is not None else torch.float32
-            gamma = weight if weight is not None else torch.ones_like(r, dtype=dtype)
-            # y = γ (r x̂ + d) + β = BN with scale γ·r and shift β + γ·d; r, d are constants
-            weight = gamma * r.to(dtype)
-            bias = (bias if bias is not None else 0) + gamma * d.to(dtype)
+        vbs = self.virtual_batch_size
+        if vbs is not None and input.shape[0] > vbs and input.numel():
+            return self._ghost(input, vbs)
+        weight, bias = self._corrected(input)
         return _train(
             input,
             weight,
@@ -121,10 +130,50 @@ class _RenormMixin:
             self._where,
         ).output
 
+    def _corrected(self, input: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """BN's scale and shift for ``input``'s batch: γ·r and β + γ·d after the warmup (r, d
+        constants), γ and β before."""
+        weight, bias = self.weight, self.bias
+        if input.numel() and int(self.num_batches_tracked) >= self.warmup:  # (empty: no r, d)
+            with torch.no_grad():
+                mean_b, var_b = moments(input)  # float64, the same kernel the forward runs
+                sigma = torch.sqrt(self.running_var.double() + self.eps)
+                r = (torch.sqrt(var_b + self.eps) / sigma).clamp(1 / self.r_max, self.r_max)
+                d = ((mean_b - self.running_mean.double()) / sigma).clamp(-self.d_max, self.d_max)
+            dtype = weight.dtype if weight is not None else torch.float32
+            gamma = weight if weight is not None else torch.ones_like(r, dtype=dtype)
+            # y = γ (r x̂ + d) + β = BN with scale γ·r and shift β + γ·d; r, d are constants
+            weight = gamma * r.to(dtype)
+            bias = (bias if bias is not None else 0) + gamma * d.to(dtype)
+        return weight, bias
+
+    def _ghost(self, input: Tensor, size: int) -> Tensor:
+        """Each ghost batch of ``size`` examples with its own statistics, r and d; then one
+        update of the moving averages with the whole batch's moments (merged in float64)."""
+        outputs, merged = [], None
+        for chunk in input.split(size):
+            m = chunk.numel() // chunk.shape[1]
+            if m <= 1:
+                raise ValueError(
+                    f"{self._where()}: the last ghost batch of input {tuple(input.shape)} holds "
+                    f"{chunk.shape[0]} example(s), one value per channel; use a batch size that "
+                    f"leaves more than one example after dividing by {size}"
+                )
+            weight, bias = self._corrected(chunk)  # r, d against the step's running statistics
+            y, mean, var = _train(
+                chunk, weight, bias, None, None, None, None, self.eps, False, None, ""
+            )
+            outputs.append(y)
+            part = Moments.from_batch(mean, var, m)
+            merged = part if merged is None else merge_moments(merged, part)
+        self._update_running_stats(merged.mean, merged.var, int(merged.count))
+        return torch.cat(outputs)
+
     def extra_repr(self) -> str:
         return (
             super().extra_repr()  # type: ignore[misc]
             + f", r_max={self.r_max}, d_max={self.d_max}, warmup={self.warmup}"
+            + (f", virtual_batch_size={self.virtual_batch_size}" if self.virtual_batch_size else "")
         )
 
 
