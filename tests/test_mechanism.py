@@ -30,20 +30,34 @@ def quick_study(data_root, tmp_path_factory):
 
 def test_quick_study_runs_every_arm_with_the_instruments(quick_study):
     doc = runfiles.read_study(quick_study)
-    assert doc["protocol"]["name"] == "mechanism-v2-quick"
+    assert doc["protocol"]["name"] == "mechanism-v3-quick"
     grid = doc["protocol"]["grid"]
     lrs = {f"lr:{a}:{lr:g}" for a in ("plain", "bn") for lr in (0.2, 1, 5, 50)}
-    assert set(grid) == {f"fig1:{a}" for a in report.ARMS} | lrs
-    assert grid["lr:bn:1"] == grid["fig1:bn"]  # part 2's lr 1 is part 1's run, trained once
+    depth = {f"depth:{d}:{a}:{lr:g}" for d in (3, 10) for a in ("plain", "bn") for lr in (0.5, 2)}
+    later = {"dropout:plain:0", "dropout:plain:0.5", "dropout:bn:0", "dropout:bn:0.5",
+             "batch:ghost:4", "batch:ghost:60", "batch:renorm:4"}  # fmt: skip
+    assert set(grid) == {f"fig1:{a}" for a in report.ARMS} | lrs | depth | later
+    # the cells that are part 1's runs train once
+    assert grid["lr:bn:1"] == grid["fig1:bn"] == grid["dropout:bn:0"] == grid["batch:ghost:60"]
     assert "winners" in doc and doc["winners"] == {}  # nothing is selected
     runs = {r.path.name: r for r in runfiles.find_runs(quick_study)}
     noisy = runs[doc["protocol"]["grid"]["fig1:noisy-strong"][0]]
     assert (noisy.config["noise_scale"], noisy.config["noise_shift"]) == (3.0, 2.0)
-    assert len(runs) == 10
+    assert len(runs) == 10 + 8 + 4
+    deep = runs[grid["depth:10:bn:0.5"][0]].config
+    assert (deep["init"], len(deep["hidden"]), deep["instruments"]) == ("glorot", 10, False)
+    assert runs[grid["dropout:plain:0.5"][0]].config["dropout"] == 0.5
+    renorm = runs[grid["batch:renorm:4"][0]]
+    assert (renorm.config["network"], renorm.config["virtual_batch"]) == ("renorm", 4)
+    assert renorm.network["renorm"] == {"r_max": 3.0, "d_max": 5.0, "warmup": 500}
     for run in runs.values():
+        assert all(0 <= r["train_acc"] <= 1 for r in run.records if "test_acc" in r)
         if run.records[-1].get("diverged"):
             continue
         readings = [r for r in run.records if "ics_rel" in r]
+        if not run.config["instruments"]:
+            assert readings == []  # parts 3-5 read accuracies only
+            continue
         assert [r["step"] for r in readings] == list(range(0, 1500, 100))
         assert all(len(r["ics_rel"]) == 3 and r["beta"] > 0 for r in readings)
         layers = run.extra["shift"]["layers"]
@@ -52,18 +66,25 @@ def test_quick_study_runs_every_arm_with_the_instruments(quick_study):
     # noisy BN's inputs move more than BN's: the instrument sees the noise (training mode)
     bn = runs[doc["protocol"]["grid"]["fig1:bn"][0]]
     assert report.Arm({1: noisy}, 100).drift()[1] > 3 * report.Arm({1: bn}, 100).drift()[1]
+    # depth breaks the plain sigmoid network within 1,500 steps, not the BN one (seen in the
+    # quick run: about 10% against 93%)
+    plain10 = max(runs[grid[f"depth:10:plain:{lr:g}"][0]].records[-1]["val_acc"] for lr in (0.5, 2))
+    bn10 = max(runs[grid[f"depth:10:bn:{lr:g}"][0]].records[-1]["val_acc"] for lr in (0.5, 2))
+    assert plain10 < 0.2 < 0.8 < bn10
 
 
 def test_quick_study_report(quick_study):
     text = (quick_study / "report.md").read_text()
-    assert "The pre-registered study `mechanism-v2-quick`" in text
-    assert "All 10 runs have finished." in text
+    assert "The pre-registered study `mechanism-v3-quick`" in text
+    assert "All 22 runs have finished." in text
+    assert "### Part 3: depth" in text and "| 13. Batch Renorm recovers" in text
     assert "| 6. With BN, a · ∂L/∂(aW) = ∂L/∂W" in text and "| 7. BN allows much higher" in text
     for claim in ("fig1, noisy-weak: ICS (the paper) or Santurkar?",
                   "fig1: BN reduces Santurkar's ICS", "fig1: BN makes the loss smoother"):  # fmt: skip
         assert claim in text
-    img = matplotlib.image.imread(quick_study / "mechanism.png")
-    assert img.shape[1] > 1000 and img.std() > 0.05
+    for name in ("mechanism.png", "mechanism_lr.png", "mechanism_later.png"):
+        img = matplotlib.image.imread(quick_study / name)
+        assert img.shape[1] > 1000 and img.std() > 0.05
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -206,3 +227,116 @@ def test_the_study_needs_its_validation_images():
         mechanism.MechanismConfig(validation=0)
     with pytest.raises(ConfigError, match="noise_scale"):
         mechanism.MechanismConfig(network="bn", noise_scale=2.0)
+
+
+# -- parts 3-5 on known numbers -------------------------------------------------------------------
+
+JITTER = {1: 0.0, 2: 0.004, 3: -0.003}  # per seed, so that paired differences have a spread
+
+
+def final_run(seed: int, test: float, *, val=None, train=None, diverged=False):
+    """A finished 1,000-step run ending at ``test`` accuracy (``val``, ``train``: its others)."""
+    test += JITTER[seed]
+    last = {"step": 1000, "val_acc": test if val is None else val, "test_acc": test,
+            "train_acc": test if train is None else train + JITTER[seed]}  # fmt: skip
+    if diverged:
+        last = {"step": 600, "diverged": "the training loss is nan"}
+    records = [{"step": 0, "val_acc": 0.1, "test_acc": 0.1, "train_acc": 0.1}, last]
+    return runfiles.RunFiles(
+        path=Path(f"run{next(NAMES)}"), experiment="mechanism",
+        config={"seed": seed, "steps": 1000}, network={"name": "x"}, records=records, extra={},
+    )  # fmt: skip
+
+
+def later_study(families: dict[str, list[runfiles.RunFiles]]) -> tuple[dict, dict]:
+    runs = {r.path.name: r for rs in families.values() for r in rs}
+    grid = {f: [r.path.name for r in rs] for f, rs in families.items()}
+    rules = {**RULES, "seeds": [1, 2, 3], "resolution": 100}
+    return {"protocol": {"grid": grid, "rules": rules}}, runs
+
+
+def seeds(test: float, **kw) -> list[runfiles.RunFiles]:
+    return [final_run(s, test, **kw) for s in (1, 2, 3)]
+
+
+def depth_families(plain: dict[int, float], bn: dict[int, float]) -> dict:
+    """Each depth's lr 0.5 at the given test accuracy; lr 0.1 and 2 worse on validation."""
+    out = {}
+    for arm, acc in (("plain", plain), ("bn", bn)):
+        for d, a in acc.items():
+            out[f"depth:{d}:{arm}:0.1"] = seeds(a - 0.05)
+            out[f"depth:{d}:{arm}:0.5"] = seeds(a)
+            out[f"depth:{d}:{arm}:2"] = seeds(a + 0.3, val=0.0)  # best test, worst validation
+    return out
+
+
+def later_verdict(s, start: str) -> str:
+    return next(v for c, m, v in report.later_verdicts(*s) if c.startswith(start))
+
+
+def test_depth_verdict_picks_each_lr_on_validation_and_needs_bn_to_win_deep():
+    bn = {3: 0.96, 5: 0.96, 10: 0.95, 20: 0.94}
+    s = later_study(depth_families({3: 0.95, 5: 0.94, 10: 0.11, 20: 0.10}, bn))
+    assert report.chosen_lr(*s, 10, "plain") == 0.5  # not lr 2, the best on the test set
+    assert later_verdict(s, "9.") == "reproduced"
+    s = later_study(depth_families({3: 0.95, 5: 0.94, 10: 0.11, 20: 0.10}, {**bn, 20: 0.80}))
+    assert later_verdict(s, "9.").startswith("partly: BN beats plain but loses more")
+    s = later_study(depth_families({3: 0.95, 5: 0.94, 10: 0.95, 20: 0.10}, bn))
+    assert later_verdict(s, "9.") == "partly: BN beats plain at the deepest only"
+    s = later_study(depth_families({3: 0.95, 5: 0.94, 10: 0.95, 20: 0.94}, bn))
+    assert later_verdict(s, "9.") == "not reproduced"
+    families = depth_families({3: 0.95, 5: 0.94, 10: 0.11, 20: 0.10}, bn)
+    families["depth:10:plain:0.1"] = [final_run(1, 0.99, diverged=True), *seeds(0.99)[1:]]
+    assert report.chosen_lr(*later_study(families), 10, "plain") == 0.5  # a diverged cell: never
+    del families["depth:20:bn:0.5"], families["depth:20:bn:0.1"], families["depth:20:bn:2"]
+    assert later_verdict(later_study(families), "9.") == "pending"
+
+
+def dropout_families(plain_gain: float, bn_gain: float, *, bn_gap=0.01) -> dict:
+    return {
+        "dropout:plain:0": seeds(0.95, train=1.0),  # gap 5 points
+        "dropout:plain:0.2": seeds(0.95 + plain_gain, train=0.99),
+        "dropout:plain:0.5": seeds(0.94),
+        "dropout:bn:0": seeds(0.97, train=0.97 + bn_gap),
+        "dropout:bn:0.2": seeds(0.97 + bn_gain),
+        "dropout:bn:0.5": seeds(0.96),
+    }
+
+
+def test_dropout_verdicts_read_the_gap_and_what_dropout_adds():
+    s = later_study(dropout_families(0.02, -0.01))
+    assert later_verdict(s, "10.") == "yes"
+    assert later_verdict(s, "11.") == "reproduced"
+    assert later_verdict(later_study(dropout_families(-0.01, -0.01)), "11.").startswith(
+        "not tested"
+    )
+    assert later_verdict(later_study(dropout_families(0.02, 0.02)), "11.") == "not reproduced"
+    assert later_verdict(later_study(dropout_families(0.0, 0.0, bn_gap=0.1)), "10.").startswith(
+        "no:"
+    )
+    families = dropout_families(0.0, 0.0)
+    families["dropout:bn:0"] = [final_run(s, 0.97, train=0.97 + g)
+                                for s, g in ((1, 0.08), (2, 0.0), (3, 0.05))]  # fmt: skip
+    assert later_verdict(later_study(families), "10.") == "not distinguishable"
+
+
+def batch_families(ghost: dict[int, float], renorm: dict[int, float]) -> dict:
+    out = {f"batch:ghost:{k}": seeds(a) for k, a in ghost.items()}
+    out |= {f"batch:renorm:{k}": seeds(a) for k, a in renorm.items()}
+    return out
+
+
+def test_small_batch_verdicts():
+    ghost = {2: 0.90, 4: 0.93, 8: 0.96, 16: 0.97, 60: 0.97}
+    s = later_study(batch_families(ghost, {2: 0.93, 4: 0.95}))
+    assert later_verdict(s, "12.") == "reproduced"
+    assert later_verdict(s, "13.") == "reproduced"
+    s = later_study(batch_families({**ghost, 4: 0.97}, {2: 0.93, 4: 0.96}))
+    assert later_verdict(s, "12.") == "partly: worse at 2 only"
+    assert later_verdict(s, "13.") == "partly: 1 of 2"
+    s = later_study(batch_families({**ghost, 16: 0.95}, {2: 0.89, 4: 0.92}))
+    assert later_verdict(s, "12.") == "partly: worse at 16 too"
+    assert later_verdict(s, "13.") == "not reproduced (0 of 2)"
+    s = later_study(batch_families({**ghost, 2: 0.97}, {2: 0.93}))
+    assert later_verdict(s, "12.") == "not reproduced"
+    assert later_verdict(s, "13.") == "pending"  # no renorm at 4

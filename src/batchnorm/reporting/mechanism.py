@@ -25,6 +25,9 @@ __all__ = [
     "Cell",
     "arm_of",
     "cells",
+    "chosen_lr",
+    "group",
+    "later_verdicts",
     "part2_verdicts",
     "stable_range",
     "verdicts",
@@ -105,15 +108,23 @@ class Arm:
         return {s: r.series("test_acc")[1][-1] for s, r in self.runs.items()}
 
 
-def arm_of(doc: dict, runs: dict[str, runfiles.RunFiles], net: str, arm: str) -> Arm:
-    names = doc["protocol"]["grid"].get(f"{net}:{arm}", [])
+def group(doc: dict, runs: dict[str, runfiles.RunFiles], family: str) -> Arm:
+    """The finished runs of one family of the study (``fig1:bn``, ``depth:10:bn:0.5``, …)."""
+    names = doc["protocol"]["grid"].get(family, [])
     found = {runs[n].config["seed"]: runs[n] for n in names if n in runs and _finished(runs[n])}
     return Arm(dict(sorted(found.items())), doc["protocol"]["rules"]["resolution"])
 
 
+def arm_of(doc: dict, runs: dict[str, runfiles.RunFiles], net: str, arm: str) -> Arm:
+    return group(doc, runs, f"{net}:{arm}")
+
+
 def nets_of(doc: dict) -> list[str]:
-    """The networks of part 1 (part 2's families are ``lr:<arm>:<lr>``)."""
-    return list(dict.fromkeys(f.split(":")[0] for f in doc["protocol"]["grid"] if f[:3] != "lr:"))
+    """The networks of part 1 (its families are ``<net>:<arm>``; the later parts' have more
+    fields: ``lr:<arm>:<lr>``, ``depth:<d>:<arm>:<lr>``, ``dropout:…``, ``batch:…``)."""
+    return list(
+        dict.fromkeys(f.split(":")[0] for f in doc["protocol"]["grid"] if f.count(":") == 1)
+    )
 
 
 # -- part 2: learning rates and scale -------------------------------------------------------------
@@ -476,6 +487,283 @@ def plot_lr(doc: dict, runs: dict[str, runfiles.RunFiles], stem: Path) -> list[P
     return save_figure(fig, stem)
 
 
+# -- parts 3-5: depth, Dropout, the size of the batches BN's statistics come from --------------
+
+
+def _final(arm: Arm, key: str = "test_acc") -> dict[int, float]:
+    """The last evaluation's ``key`` per seed (NaN for a diverged seed)."""
+    return {s: math.nan if _diverged(r) else r.series(key)[1][-1] for s, r in arm.runs.items()}
+
+
+def _gap(arm: Arm) -> dict[int, float]:
+    """Final training accuracy (the 10,000 training images) − final test accuracy, per seed."""
+    train, test = _final(arm, "train_acc"), _final(arm)
+    return {s: train[s] - test[s] for s in test}
+
+
+def _paired(a: dict[int, float], b: dict[int, float]):
+    """a − b over the seeds both have finite, with a t 95% interval (None: no such seed)."""
+    d = [a[s] - b[s] for s in a if s in b and math.isfinite(a[s]) and math.isfinite(b[s])]
+    return mean_interval(d) if d else None
+
+
+def _above(i) -> bool:
+    return i is not None and i.above
+
+
+def _below0(i) -> bool:
+    return i is not None and i.high is not None and i.high < 0
+
+
+def _pts(i) -> str:
+    return "—" if i is None else i.fmt(100, 2, " pt")
+
+
+def chosen_lr(doc: dict, runs: dict[str, runfiles.RunFiles], depth: int, arm: str):
+    """Part 3: the lr with the highest mean final validation accuracy over the seeds (ties: the
+    smaller; a cell with a diverged or missing seed is not chosen), or None."""
+    rules, best = doc["protocol"]["rules"], None
+    for lr in rules["depth_lrs"]:
+        a = group(doc, runs, f"depth:{depth}:{arm}:{lr:g}")
+        vals = list(_final(a, "val_acc").values())
+        if len(vals) < len(rules["seeds"]) or not all(map(math.isfinite, vals)):
+            continue
+        if best is None or statistics.fmean(vals) > best[1]:
+            best = (lr, statistics.fmean(vals))
+    return None if best is None else best[0]
+
+
+def _chosen(doc, runs, depth: int, arm: str) -> Arm | None:
+    lr = chosen_lr(doc, runs, depth, arm)
+    return None if lr is None else group(doc, runs, f"depth:{depth}:{arm}:{lr:g}")
+
+
+def _mean_pct(d: dict[int, float]) -> str:
+    vals = [v for v in d.values() if math.isfinite(v)]
+    return f"{100 * statistics.fmean(vals):.2f}%" if vals else "—"
+
+
+def _depth_table(doc: dict, runs: dict[str, runfiles.RunFiles]) -> str:
+    rules = doc["protocol"]["rules"]
+    lrs = ", ".join(f"{lr:g}" for lr in rules["depth_lrs"])
+    rows = [
+        f"| depth | plain: mean final val (lr {lrs}) | BN: mean final val (lr {lrs}) | plain, "
+        "chosen lr: final test | BN, chosen lr: final test | BN − plain (test) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for depth in rules["depths"]:
+        cells, chosen = [], {}
+        for arm in ("plain", "bn"):
+            vals = []
+            for lr in rules["depth_lrs"]:
+                a = group(doc, runs, f"depth:{depth}:{arm}:{lr:g}")
+                div = sum(map(_diverged, a.runs.values()))
+                vals.append(
+                    f"{_mean_pct(_final(a, 'val_acc'))}" + (f" ({div} div.)" if div else "")
+                )
+            cells.append(", ".join(vals))
+            chosen[arm] = (chosen_lr(doc, runs, depth, arm), _chosen(doc, runs, depth, arm))
+        tests = [
+            "—" if a is None else f"{_mean_pct(_final(a))} (lr {lr:g})" for lr, a in chosen.values()
+        ]
+        diff = (
+            _paired(_final(chosen["bn"][1]), _final(chosen["plain"][1]))
+            if chosen["bn"][1] and chosen["plain"][1]
+            else None
+        )
+        rows.append(
+            f"| {depth} | {cells[0]} | {cells[1]} | {tests[0]} | {tests[1]} | {_pts(diff)} |"
+        )
+    return "\n".join(rows)
+
+
+def _dropout_table(doc: dict, runs: dict[str, runfiles.RunFiles]) -> str:
+    rows = [
+        "| network | Dropout p | final test | final train (10,000 images) | train − test gap | "
+        "test: p − (p = 0) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm in ("plain", "bn"):
+        none = group(doc, runs, f"dropout:{arm}:0")
+        for p in doc["protocol"]["rules"]["dropout"]:
+            a = group(doc, runs, f"dropout:{arm}:{p:g}")
+            vs = "" if not p else _pts(_paired(_final(a), _final(none)))
+            rows.append(
+                f"| {arm} | {p:g} | {_mean_pct(_final(a))} | {_mean_pct(_final(a, 'train_acc'))} "
+                f"| {_pts(_paired(_final(a, 'train_acc'), _final(a)))} | {vs} |"
+            )
+    return "\n".join(rows)
+
+
+def _batch_arms(doc: dict, runs: dict[str, runfiles.RunFiles]) -> list[tuple[str, int, Arm]]:
+    rules = doc["protocol"]["rules"]
+    out = [("ghost", k, group(doc, runs, f"batch:ghost:{k}")) for k in rules["ghost"]]
+    out += [("renorm", k, group(doc, runs, f"batch:renorm:{k}")) for k in rules["renorm_at"]]
+    return out
+
+
+def _batch_table(doc: dict, runs: dict[str, runfiles.RunFiles]) -> str:
+    whole = max(doc["protocol"]["rules"]["ghost"])
+    full = _final(group(doc, runs, f"batch:ghost:{whole}"))
+    target = doc["protocol"]["rules"]["main_target"]
+    rows = [
+        f"| statistics from | final test | steps to {100 * target:.0f}% (val) | test − BN over the "
+        "whole batch |",
+        "|---|---|---|---|",
+    ]
+    for kind, k, a in _batch_arms(doc, runs):
+        name = {"ghost": f"ghost BN, {k} examples", "renorm": f"Batch Renorm, {k} examples"}[kind]
+        if kind == "ghost" and k == whole:
+            name = f"BN, the whole batch ({k})"
+        steps = ", ".join("never" if v is None else f"{v:,}" for v in a.steps_to(target).values())
+        vs = "" if name.startswith("BN,") else _pts(_paired(_final(a), full))
+        rows.append(f"| {name} | {_mean_pct(_final(a))} | {steps or '—'} | {vs} |")
+    return "\n".join(rows)
+
+
+def later_verdicts(doc: dict, runs: dict[str, runfiles.RunFiles]) -> list[tuple[str, str, str]]:
+    """Verdicts 9–13 (parts 3–5), by the registered rules."""
+    rules, out = doc["protocol"]["rules"], []
+    # 9: depth
+    diffs, bn_acc = {}, {}
+    for depth in rules["depths"]:
+        plain, bn = _chosen(doc, runs, depth, "plain"), _chosen(doc, runs, depth, "bn")
+        if plain and bn:
+            diffs[depth] = _paired(_final(bn), _final(plain))
+        if bn:
+            bn_acc[depth] = statistics.fmean(_final(bn).values())
+    top, low = max(rules["depths"]), min(rules["depths"])
+    measured = "; ".join(f"depth {d}: BN − plain {_pts(i)}" for d, i in diffs.items())
+    if top not in diffs or low not in bn_acc or top not in bn_acc:
+        verdict = "pending"
+    else:
+        keeps = bn_acc[top] >= bn_acc[low] - rules["depth_keeps"]
+        measured += f"; BN at depth {top} vs {low}: {100 * (bn_acc[top] - bn_acc[low]):+.2f} pt"
+        if not _above(diffs[top]):
+            verdict = "not reproduced"
+        elif all(_above(diffs.get(d)) for d in rules["deep"]) and keeps:
+            verdict = "reproduced"
+        else:
+            verdict = "partly: " + (
+                "BN beats plain at the deepest only" if keeps else
+                f"BN beats plain but loses more than {100 * rules['depth_keeps']:.0f} points with depth"
+            )  # fmt: skip
+    out.append(("9. BN lets saturating (sigmoid) networks train at depth", measured, verdict))
+    # 10, 11: Dropout
+    plain0, bn0 = group(doc, runs, "dropout:plain:0"), group(doc, runs, "dropout:bn:0")
+    gap = _paired(_gap(plain0), _gap(bn0))
+    verdict = (
+        "pending" if gap is None else "yes" if gap.above
+        else "no: BN's gap is larger" if _below0(gap) else "not distinguishable"
+    )  # fmt: skip
+    out.append((
+        "10. BN regularizes: a smaller train–test gap than plain (no Dropout)",
+        f"plain's gap − BN's: {_pts(gap)}", verdict,
+    ))  # fmt: skip
+    helps, said = {}, []
+    for arm in ("plain", "bn"):
+        none = _final(group(doc, runs, f"dropout:{arm}:0"))
+        gains = {p: _paired(_final(group(doc, runs, f"dropout:{arm}:{p:g}")), none)
+                 for p in rules["dropout"] if p}  # fmt: skip
+        helps[arm] = any(_above(i) for i in gains.values())
+        said.append(f"{arm}: " + ", ".join(f"p {p:g} {_pts(i)}" for p, i in gains.items()))
+    pending = any(i is None for i in [gap])
+    verdict = (
+        "pending" if pending else "not reproduced" if helps["bn"]
+        else "reproduced" if helps["plain"] else "not tested: Dropout helps neither network"
+    )  # fmt: skip
+    out.append(("11. BN reduces the need for Dropout (test accuracy, p − no Dropout)",
+                "; ".join(said), verdict))  # fmt: skip
+    # 12, 13: ghost batches and Batch Renorm
+    ghost = {k: group(doc, runs, f"batch:ghost:{k}") for k in rules["ghost"]}
+    full = _final(ghost[max(rules["ghost"])])
+    vs = {k: _paired(_final(a), full) for k, a in ghost.items() if k < max(rules["ghost"])}
+    small, large = rules["small"], rules["large"]
+    if any(vs.get(k) is None for k in [*small, large]):
+        verdict = "pending"
+    elif not _below0(vs[small[0]]):
+        verdict = "not reproduced"
+    elif all(_below0(vs[k]) for k in small) and not _below0(vs[large]):
+        verdict = "reproduced"
+    else:
+        verdict = "partly: " + (
+            "worse at 16 too" if _below0(vs[large]) else f"worse at {small[0]} only"
+        )
+    out.append((
+        "12. BN degrades with small batches (ghost batch − the whole batch of 60, test)",
+        "; ".join(f"{k}: {_pts(i)}" for k, i in vs.items()), verdict,
+    ))  # fmt: skip
+    rec = {k: _paired(_final(group(doc, runs, f"batch:renorm:{k}")), _final(ghost[k]))
+           for k in rules["renorm_at"]}  # fmt: skip
+    n_up = sum(map(_above, rec.values()))
+    verdict = (
+        "pending"
+        if any(i is None for i in rec.values())
+        else _count(n_up, len(rec), "reproduced", "not reproduced")
+    )
+    out.append((
+        "13. Batch Renorm recovers part of it (renorm − ghost BN, same ghost batches, test)",
+        "; ".join(f"{k}: {_pts(i)}" for k, i in rec.items()), verdict,
+    ))  # fmt: skip
+    if len(rules["seeds"]) < 2:  # the rules read intervals, and one seed has none
+        out = [(c, m, v if v == "pending" else "undecided: one seed, no interval")
+               for c, m, v in out]  # fmt: skip
+    return out
+
+
+def plot_later(doc: dict, runs: dict[str, runfiles.RunFiles], stem: Path) -> list[Path]:
+    """Parts 3–5: final test accuracy against depth (chosen lr), Dropout and the ghost-batch
+    size; each point the mean over seeds, the bar their min–max."""
+    from matplotlib.figure import Figure
+
+    rules = doc["protocol"]["rules"]
+    fig = Figure(figsize=(14.0, 4.0), layout="constrained")
+    axes = fig.subplots(1, 3)
+
+    def draw(ax, xs, arms, label, color, marker="o"):
+        pts = [(x, list(_final(a).values())) for x, a in zip(xs, arms, strict=True) if a and a.runs]
+        pts = [(x, [v for v in vals if math.isfinite(v)]) for x, vals in pts]
+        pts = [(x, v) for x, v in pts if v]
+        if not pts:
+            return
+        x, v = [p[0] for p in pts], [p[1] for p in pts]
+        mean = [statistics.fmean(u) for u in v]
+        err = [[m - min(u) for m, u in zip(mean, v, strict=True)],
+               [max(u) - m for m, u in zip(mean, v, strict=True)]]  # fmt: skip
+        ax.errorbar(x, mean, yerr=err, fmt=marker + "-", color=color, label=label, capsize=3)
+
+    ax = axes[0]
+    for arm in ("plain", "bn"):
+        draw(ax, rules["depths"], [_chosen(doc, runs, d, arm) for d in rules["depths"]],
+             f"{arm} (its best lr on validation)", COLOR[arm])  # fmt: skip
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks(rules["depths"], [str(d) for d in rules["depths"]])
+    ax.set_xlabel("hidden sigmoid layers (Glorot init)")
+    ax.set_title("Part 3: depth", fontsize=10)
+    ax = axes[1]
+    for arm in ("plain", "bn"):
+        draw(ax, rules["dropout"], [group(doc, runs, f"dropout:{arm}:{p:g}") for p in rules["dropout"]],
+             arm, COLOR[arm])  # fmt: skip
+    ax.set_xlabel("Dropout p after every hidden sigmoid (fig1 network)")
+    ax.set_title("Part 4: regularization", fontsize=10)
+    ax = axes[2]
+    ghost = rules["ghost"]
+    draw(ax, ghost, [group(doc, runs, f"batch:ghost:{k}") for k in ghost], "ghost BN", COLOR["bn"])
+    draw(ax, rules["renorm_at"], [group(doc, runs, f"batch:renorm:{k}") for k in rules["renorm_at"]],
+         "Batch Renorm", COLOR["noisy-strong"], "s")  # fmt: skip
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks(ghost, [str(k) for k in ghost])
+    ax.set_xlabel("examples per ghost batch (batch of 60; 60 = BN)")
+    ax.set_title("Part 5: the batch BN's statistics come from", fontsize=10)
+    for ax in axes:
+        ax.set_ylabel("final test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return save_figure(fig, stem)
+
+
 def write_report(folder: str | Path, found: Sequence[runfiles.RunFiles]) -> Path:
     """``report.md`` and ``mechanism.png/svg`` of a mechanism study folder."""
     folder = Path(folder)
@@ -510,6 +798,21 @@ def write_report(folder: str | Path, found: Sequence[runfiles.RunFiles]) -> Path
             + "\n\n![final accuracy against the learning rate](mechanism_lr.png)"
         )
         plot_lr(doc, runs, folder / "mechanism_lr")
+    later = "(not in this protocol)"
+    if "depths" in doc["protocol"]["rules"]:
+        table_rows += [f"| {c} | {m} | **{v}** |" for c, m, v in later_verdicts(doc, runs)]
+        later = (
+            "### Part 3: depth (each network at its best lr of three, chosen on validation)\n\n"
+            + _depth_table(doc, runs)
+            + "\n\n### Part 4: Dropout (the fig1 network)\n\n"
+            + _dropout_table(doc, runs)
+            + "\n\n### Part 5: the size of the batches BN's statistics come from (fig1, with BN)"
+            "\n\n"
+            + _batch_table(doc, runs)
+            + "\n\nDifferences: mean over seeds, paired, with a t 95% interval, in points."
+            "\n\n![parts 3–5](mechanism_later.png)"
+        )
+        plot_later(doc, runs, folder / "mechanism_later")
     plot(doc, runs, folder / "mechanism")
     first = next((r for r in runs.values() if _finished(r)), None)
     env = first.env.get("sessions", [{}])[0] if first else {}
@@ -525,6 +828,7 @@ def write_report(folder: str | Path, found: Sequence[runfiles.RunFiles]) -> Path
         rules=", ".join(f"`{k}` = {v}" for k, v in doc["protocol"]["rules"].items()),
         tables="\n\n".join(tables),
         part2=part2,
+        later=later,
         verdicts="\n".join(table_rows),
         minutes=f"{span:.0f}",
         torch=first.versions.get("torch", "?") if first else "?",

@@ -1,11 +1,12 @@
-"""Every setting of one run of the mechanism study: the Figure 1 run's, plus noisy BN's strength
-and how often the instruments measure."""
+"""Every setting of one run of the mechanism study: the Figure 1 run's, plus noisy BN's strength,
+how often the instruments measure, and (parts 3–5) the initialization, Dropout and the size of
+the batches BN's statistics come from."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import between, one_of, param, positive, positive_int
+from ..config import at_least, between, one_of, param, positive, positive_int
 from ..mnist.config import MnistConfig
 
 __all__ = ["NETWORKS", "MechanismConfig"]
@@ -15,7 +16,10 @@ NETWORKS = {
     "plain": ("without BN", False),
     "bn": ("with BN", True),
     "noisy": ("noisy BN", True),  # BN, then a per-unit random scale and shift every step
+    "ghost": ("ghost BN", True),  # statistics of ghost batches of virtual_batch examples
+    "renorm": ("Batch Renorm", True),  # the same ghost batches, with Batch Renorm's r and d
 }
+SMALL_BATCH = ("ghost", "renorm")  # the networks whose statistics come from virtual_batch examples
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,27 @@ class MechanismConfig(MnistConfig):
         0.0, "noisy BN: each step's per-unit shift t ~ U(-noise_shift, noise_shift)",
         check=between(0.0, 100.0),
     )  # fmt: skip
+    init: str = param(
+        "normal",
+        "initial weights: normal (N(0, init_std²) in every layer) or glorot (N(0, 2 / (fan_in + "
+        "fan_out)) per layer; init_std is then not used)",
+        check=one_of("normal", "glorot"),
+    )
+    dropout: float = param(
+        0.0, "Dropout probability after every hidden sigmoid", check=between(0.0, 0.9)
+    )
+    virtual_batch: int = param(
+        0,
+        "ghost and renorm networks: examples per ghost batch that BN's statistics come from "
+        "(0: the whole batch)",
+        check=at_least(0),
+    )
+    instruments: bool = param(
+        True,
+        "read Santurkar's ICS, the smoothness along the step and the scale check (parts 3-5 of "
+        "the study need only accuracies)",
+        cli=False,
+    )
     instrument_every: int = param(
         250,
         "steps between readings of Santurkar's ICS and of the smoothness along the step (a "
@@ -64,6 +89,18 @@ class MechanismConfig(MnistConfig):
             )
         if self.network != "noisy" and (self.noise_scale, self.noise_shift) != (1.0, 0.0):
             raise self.error("noise_scale", "is noisy BN's; the network is " + self.network)
+        small = self.network in SMALL_BATCH
+        if small and not 2 <= self.virtual_batch < self.batch_size:
+            raise self.error(
+                "virtual_batch",
+                f"= {self.virtual_batch}: a {self.network} network needs ghost batches of at "
+                f"least 2 examples and fewer than the batch's {self.batch_size}",
+            )
+        if not small and self.virtual_batch:
+            raise self.error(
+                "virtual_batch",
+                f"is for the ghost and renorm networks; the network is {self.network}",
+            )
 
     @property
     def bn(self) -> bool:

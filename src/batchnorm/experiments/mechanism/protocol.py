@@ -3,13 +3,14 @@ shift the cause of BN's speed-up (the paper, Sec. 1–2), or not (Santurkar et a
 BN make back-propagation scale-invariant and tolerate much higher learning rates (Sec. 3.3)?
 
 Version 1 (part 1 alone, registered in 3d78501) ran once (``results/mechanism`` of that commit).
-Version 2 adds part 2 and leaves every run, measure and rule of part 1 as they were; it was
-written before any run of part 2. Each version is written before its first full run and not
-changed after it (the report names the commit that last changed this file;
-:mod:`batchnorm.experiments.protocol`). The report that applies :data:`RULES` is
-:mod:`batchnorm.reporting.mechanism`. Parts 3–5 of the issue (saturating nonlinearities at depth,
-regularization, mini-batch size) are not part of this protocol; each will be registered before
-it runs.
+Version 2 (4901065) adds part 2 and leaves every run, measure and rule of part 1 as they were; it
+was written before any run of part 2, and ran once (``results/mechanism`` of fbf8565). Version 3
+adds parts 3–5 of issue 20 (saturating nonlinearities at depth, regularization, the mini-batch
+size), written before any run of them, and leaves every run, measure and rule of parts 1–2 as
+they were (the runs gain a ``train_acc`` reading, which changes no other number). Each version is
+written before its first full run and not changed after it (the report names the commit that
+last changed this file; :mod:`batchnorm.experiments.protocol`). The report that applies
+:data:`RULES` is :mod:`batchnorm.reporting.mechanism`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ ARMS = {
 }
 SEEDS = (1, 2, 3)
 LR_GRID = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)  # part 2, log-spaced
+DEPTHS = (3, 5, 10, 20)  # part 3: hidden sigmoid layers of 100, Glorot's init
+DEPTH_LRS = (0.1, 0.5, 2.0)  # part 3: each network's best on validation
+DROPOUT = (0.0, 0.2, 0.5)  # part 4 (0: part 1's fig1 runs)
+GHOST = (2, 4, 8, 16, 60)  # part 5: examples per ghost batch (60, the whole batch: part 1's BN)
+RENORM_AT = (2, 4)  # part 5: Batch Renorm over ghost batches of these sizes
 RULES = {
     "ci": 0.95,
     "targets": [0.90, 0.95],  # validation accuracies for steps-to-target
@@ -44,6 +50,16 @@ RULES = {
     "stable_within": 0.01,  # final validation accuracy within 1 point of the arm's best cell
     "higher_factor": 5.0,  # "much higher": BN's largest stable lr at least 5x plain's
     "scale_exact": 1e-3,  # Sec. 3.3's identities hold if every relative error is below this
+    # parts 3-5
+    "depths": list(DEPTHS),
+    "depth_lrs": list(DEPTH_LRS),
+    "deep": [10, 20],  # the depths where plain sigmoid networks are expected to fail
+    "depth_keeps": 0.05,  # BN "trains at depth": its deepest net within 5 points of its depth 3
+    "dropout": list(DROPOUT),
+    "ghost": list(GHOST),
+    "renorm_at": list(RENORM_AT),
+    "small": [2, 4],  # Wu & He: degradation below about 8 ghost examples
+    "large": 16,  # ... and none at 16
 }
 
 TEXT = """\
@@ -118,6 +134,50 @@ stable cells of the grid that holds its best cell (its lowest and largest lr).
    network's stable range (its lowest and largest stable lr).
 8. The weight norms are reported (their growth from step 0 to the end at lr 1 and at each
    network's largest stable lr), without a verdict.
+
+**Parts 3–5 (version 3).** Seeds 1–3, 10,000 steps, batch 60, measured as in part 1 without the
+ICS, smoothness and scale readings (accuracies, drift and weight norms only), plus the accuracy
+on the first 10,000 training images (inference mode) at every evaluation. Differences are paired
+by seed: mean with a t 95% interval over the 3 seeds ("above 0" / "below 0": the whole interval).
+"Final" is the last evaluation, step 10,000.
+
+*Part 3: saturating nonlinearities at depth (Sec. 4.2.1).* Sigmoid MLPs of 3, 5, 10 and 20
+hidden layers of 100, Glorot's initialization (N(0, 2 / (fan_in + fan_out)) per layer, the same
+draw for both networks of a seed), without BN and with BN, each at lr ∈ {0.1, 0.5, 2}. Each
+(depth, network) takes its lr with the highest mean final validation accuracy over the seeds
+(ties: the smaller lr; a cell with a diverged seed is not chosen); the comparisons use the final
+test accuracy of the chosen cells (chosen on the same seeds for both networks; the selection's
+optimism is the same for both).
+
+9. *BN lets saturating networks train at depth*: reproduced if, at depths 10 and 20, BN − plain
+   has an interval above 0 and BN's depth-20 accuracy is within 5 points of its depth-3 one;
+   partly if the interval is above 0 at depth 20 only, or BN loses more than 5 points from depth
+   3 to 20 while beating plain; not reproduced if at depth 20 the interval is not above 0. The
+   report gives every depth's difference and each network's chosen lr.
+
+*Part 4: regularization (Sec. 3.4).* The fig1 network (part 1's settings) without and with BN,
+Dropout p ∈ {0, 0.2, 0.5} after every hidden sigmoid (p = 0: part 1's runs). Measures: final test
+accuracy and the train–test gap (final accuracy on the 10,000 training images − test accuracy).
+
+10. *BN regularizes*: yes if plain's gap − BN's gap (both p = 0) has an interval above 0; "no:
+    BN's gap is larger" if below 0; "not distinguishable" otherwise.
+11. *BN reduces the need for Dropout*: for each network, Dropout *helps* if p = 0.2 or p = 0.5
+    minus p = 0 (final test accuracy) has an interval above 0. Reproduced if it helps plain and
+    not BN; not reproduced if it helps BN; "not tested" if it helps neither (Dropout is not
+    needed here, with or without BN).
+
+*Part 5: the mini-batch size of the statistics.* The fig1 network with BN, the batch of 60 split
+into ghost batches of 2, 4, 8, 16 examples (the last one of 8 and 16 holds what is left, 4 and
+12; our GhostBatchNorm1d: each ghost batch normalized with its own statistics, the moving
+averages updated once per step with the whole batch's); 60
+is part 1's BN run; and Batch Renorm (Ioffe 2017: r_max 3, d_max 5, after 500 steps of plain
+ghost BN) over ghost batches of 2 and 4. Measures: final test accuracy and steps to 95%.
+
+12. *BN degrades with small batches* (Wu & He 2018: below about 8): reproduced if ghost 2 and
+    ghost 4 − BN (60) have intervals below 0 and ghost 16 − BN (60) has not; partly if ghost 2
+    alone has it below 0 or ghost 16 is also worse; not reproduced if ghost 2's is not below 0.
+13. *Batch Renorm recovers part of it*: renorm k − ghost k above 0 for k = 2 and 4: reproduced;
+    at one of them: "partly: 1 of 2"; at neither: not reproduced.
 """
 
 
@@ -147,19 +207,57 @@ def _lr_runs(base: MechanismConfig, grid, seeds) -> list[tuple[str, MechanismCon
     return out
 
 
+def _later_runs(
+    base: MechanismConfig, depths, depth_lrs, dropout, ghost, renorm_at, seeds
+) -> list[tuple[str, MechanismConfig]]:
+    """Parts 3–5: depth, Dropout and ghost batches. Their cells without Dropout or ghost batches
+    are part 1's fig1 runs (the same configs: they train once)."""
+    part1 = replace(base, hidden=NETS["fig1"][0], init_std=NETS["fig1"][1])
+    fig1 = replace(part1, instruments=False)
+    out = []
+    for seed in seeds:
+        for depth in depths:
+            for arm in ("plain", "bn"):
+                for lr in depth_lrs:
+                    cfg = replace(
+                        base, network=arm, hidden=(100,) * depth, init="glorot", lr=lr,
+                        instruments=False, seed=seed,
+                    )  # fmt: skip
+                    out.append((f"depth:{depth}:{arm}:{lr:g}", cfg))
+        for arm in ("plain", "bn"):
+            for p in dropout:
+                cfg = replace(fig1, dropout=p) if p else part1
+                out.append((f"dropout:{arm}:{p:g}", replace(cfg, network=arm, seed=seed)))
+        for k in ghost:
+            small = k < base.batch_size
+            cfg = replace(fig1, network="ghost", virtual_batch=k) if small else part1
+            out.append((f"batch:ghost:{k}", replace(cfg, seed=seed) if small else
+                        replace(cfg, network="bn", seed=seed)))  # fmt: skip
+        for k in renorm_at:
+            cfg = replace(fig1, network="renorm", virtual_batch=k, seed=seed)
+            out.append((f"batch:renorm:{k}", cfg))
+    return out
+
+
 def protocol(base: MechanismConfig, quick: bool = False) -> Protocol:
     """The study on ``base`` (the command line's other settings, such as threads); ``quick``:
     the same arms at CI size (``base`` is then the --quick preset): the fig1 network only, seed
-    1, and four learning rates."""
+    1, four learning rates, depths 3 and 10 at two learning rates, Dropout 0.5, ghost batches of
+    4 and Batch Renorm over them."""
     if quick:
         grid = (0.2, 1.0, 5.0, 50.0)
         runs = _runs(base, {"fig1": NETS["fig1"]}, ARMS, (1,)) + _lr_runs(base, grid, (1,))
-        rules = {**RULES, "seeds": [1], "lr_grid": list(grid)}
-        name = "mechanism-v2-quick"
+        later = {"depths": [3, 10], "depth_lrs": [0.5, 2.0], "dropout": [0.0, 0.5],
+                 "ghost": [4, 60], "renorm_at": [4]}  # fmt: skip
+        runs += _later_runs(base, **later, seeds=(1,))
+        rules = {**RULES, "seeds": [1], "lr_grid": list(grid), **later, "deep": [10],
+                 "small": [4], "large": 4}  # fmt: skip
+        name = "mechanism-v3-quick"
     else:
         runs = _runs(base, NETS, ARMS, SEEDS) + _lr_runs(base, LR_GRID, SEEDS)
+        runs += _later_runs(base, DEPTHS, DEPTH_LRS, DROPOUT, GHOST, RENORM_AT, SEEDS)
         rules = {**RULES, "seeds": list(SEEDS)}
-        name = "mechanism-v2"
+        name = "mechanism-v3"
     return Protocol(
         name=name, source=__file__, text=TEXT, grid=runs, metric={}, last=1,
         then=lambda winners: [], rules=rules,

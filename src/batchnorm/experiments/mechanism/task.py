@@ -1,7 +1,8 @@
 """One run of the mechanism study: the Figure 1 run's training, with the instruments reading.
 
-At every evaluation (every ``eval_every`` steps, and step 0): validation and test accuracy, the
-network in inference mode (BN with its moving averages). At every ``instrument_every`` steps,
+At every evaluation (every ``eval_every`` steps, and step 0): validation and test accuracy, and
+``train_acc`` on the first 10,000 training images, the network in inference mode (BN with its
+moving averages, no Dropout). With ``instruments`` on, at every ``instrument_every`` steps,
 on the batch the run trains on next (the instruments restore everything, so the run goes on
 bitwise as without them, :mod:`batchnorm.tools.instruments`):
 
@@ -18,6 +19,13 @@ bitwise as without them, :mod:`batchnorm.tools.instruments`):
   with the probe batch's statistics), kept by a :class:`~batchnorm.tools.ShiftTracker` that is
   checkpointed with the run; at the end its drift summaries go to ``shift.json``.
 
+The networks (:meth:`MechanismTask.build_model`): the Figure 1 MLP of ``hidden`` sigmoid layers,
+with no BN, BN, noisy BN, ghost BN (:class:`~batchnorm.nn.GhostBatchNorm1d`) or Batch Renorm
+(:class:`~batchnorm.nn.BatchRenorm1d`, :data:`RENORM`) over ghost batches of ``virtual_batch``
+examples; Glorot's initialization instead of N(0, init_std²) with ``init = "glorot"``; Dropout
+after every hidden sigmoid with ``dropout`` > 0 (drawn from the run's seeded, checkpointed torch
+generator).
+
 A non-finite training loss stops the run as diverged (the loop's record says so).
 """
 
@@ -33,23 +41,36 @@ from torch import nn
 
 from ... import runfiles
 from ..._atomic import write_text
-from ...nn import NoisyBatchNorm1d
-from ...tools import ShiftTracker, internal_covariate_shift, scale_check, smoothness
+from ...nn import BatchRenorm1d, GhostBatchNorm1d, NoisyBatchNorm1d
+from ...tools import (
+    ShiftTracker,
+    internal_covariate_shift,
+    name_layers,
+    scale_check,
+    smoothness,
+)
+from ..common import accuracy_and_loss
 from ..mnist.model import build_mlp
 from ..mnist.task import MnistTask
 from ..runs import derive_seed
 from .config import MechanismConfig
 
-__all__ = ["SHIFT", "MechanismTask", "run_name"]
+__all__ = ["RENORM", "SHIFT", "MechanismTask", "run_name"]
 
 SHIFT = runfiles.SHIFT
 SCALES = (0.1, 10.0)  # the weight scales a of the step-0 scale check (Sec. 3.3)
+# Batch Renorm's bounds (Ioffe 2017's final r_max, d_max) after 500 steps of plain (ghost) BN
+RENORM = {"r_max": 3.0, "d_max": 5.0, "warmup": 500}
+TRAIN_PROBE = 10_000  # training images of train_acc
 
 
 def run_name(cfg: MechanismConfig) -> str:
     noise = f"_noise{cfg.noise_scale:g}-{cfg.noise_shift:g}" if cfg.network == "noisy" else ""
+    ghost = str(cfg.virtual_batch) if cfg.virtual_batch else ""
+    init = "_glorot" if cfg.init == "glorot" else f"_std{cfg.init_std:g}"
+    drop = f"_drop{cfg.dropout:g}" if cfg.dropout else ""
     return (
-        f"{cfg.network}{noise}_depth{len(cfg.hidden)}_lr{cfg.lr:g}_std{cfg.init_std:g}"
+        f"{cfg.network}{ghost}{noise}_depth{len(cfg.hidden)}_lr{cfg.lr:g}{init}{drop}"
         f"_seed{cfg.seed}"
     )
 
@@ -69,17 +90,33 @@ class MechanismTask(MnistTask):
         self.tracker = ShiftTracker(self.model, [probe], modules=nn.Sigmoid, mode="train")
 
     def build_model(self, cfg: MechanismConfig) -> nn.Module:
-        if cfg.network != "noisy":
-            return build_mlp(cfg)
         layers = iter(range(len(cfg.hidden)))
-
-        def noisy(width: int) -> nn.Module:
-            return NoisyBatchNorm1d(
-                width, eps=cfg.eps, momentum=cfg.bn_momentum, noise_scale=cfg.noise_scale,
-                noise_shift=cfg.noise_shift, seed=derive_seed(cfg.seed, "noise", next(layers)),
-            )  # fmt: skip
-
-        return build_mlp(cfg, norm=noisy)
+        bn = {"eps": cfg.eps, "momentum": cfg.bn_momentum}
+        ghost = {"virtual_batch_size": cfg.virtual_batch}
+        norm = {
+            "noisy": lambda width: NoisyBatchNorm1d(
+                width, **bn, noise_scale=cfg.noise_scale, noise_shift=cfg.noise_shift,
+                seed=derive_seed(cfg.seed, "noise", next(layers)),
+            ),
+            "ghost": lambda width: GhostBatchNorm1d(width, **bn, **ghost),
+            "renorm": lambda width: BatchRenorm1d(width, **bn, **ghost, **RENORM),
+        }.get(cfg.network)  # fmt: skip
+        model = build_mlp(cfg, norm=norm)
+        if cfg.init == "glorot":  # redrawn in build_mlp's order: every network of a seed shares it
+            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "init"))
+            with torch.no_grad():
+                for m in model:
+                    if isinstance(m, nn.Linear):
+                        std = (2.0 / (m.in_features + m.out_features)) ** 0.5
+                        m.weight.normal_(0.0, std, generator=gen)
+        if cfg.dropout:
+            parts = []
+            for m in model:
+                parts.append(m)
+                if isinstance(m, nn.Sigmoid):
+                    parts.append(nn.Dropout(cfg.dropout))
+            model = name_layers(nn.Sequential(*parts))
+        return model
 
     def _noisy(self) -> list[NoisyBatchNorm1d]:
         return [m for m in self.model.modules() if isinstance(m, NoisyBatchNorm1d)]
@@ -136,11 +173,14 @@ class MechanismTask(MnistTask):
         self.model.eval()
         try:
             rec = self._measure(self.model, "")
+            x, y = self.d.x_train[:TRAIN_PROBE], self.d.y_train[:TRAIN_PROBE]
+            rec["train_acc"] = accuracy_and_loss(self.model, x, y)[0]
         finally:
             self.model.train()
         self.tracker.record(step)
         rec["w_norm"] = [round(float(m.weight.detach().norm()), 6) for m in self._linear()[:-1]]
-        if step % self.cfg.instrument_every == 0 and step < self.steps:
+        due = step % self.cfg.instrument_every == 0 and step < self.steps
+        if self.cfg.instruments and due:
             rec |= self._instruments(step)
         rec["eval_s"] = time.perf_counter() - start
         return rec
