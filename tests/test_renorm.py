@@ -111,7 +111,9 @@ def _ghost_layer(cls, r_max, d_max, **kw):
     return layer
 
 
-@pytest.mark.parametrize("r_max, d_max", [(3.0, 5.0), (1.2, 0.1)])  # bounds that clip, or not
+# (10, 10): no r or d clipped on this data (r in [0.2, 5.5], |d| < 5.6); (3, 5): some r clipped;
+# (1.2, 0.1): nearly every r and d clipped.
+@pytest.mark.parametrize("r_max, d_max", [(10.0, 10.0), (3.0, 5.0), (1.2, 0.1)])
 @pytest.mark.parametrize(("cls", "shape", "size"), [
     (BatchRenorm1d, (12, 3), 4), (BatchRenorm1d, (10, 3), 4), (BatchRenorm2d, (10, 3, 3, 2), 4),
 ])  # fmt: skip
@@ -120,7 +122,8 @@ def test_ghost_batches_each_renormalized_and_one_running_update(cls, shape, size
     rm, rv = layer.running_mean.clone(), layer.running_var.clone()
     x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).requires_grad_()
     g = torch.randn(shape, dtype=torch.float64)
-    layer(x).backward(g)
+    y = layer(x)
+    y.backward(g)
     x2 = x.detach().clone().requires_grad_()
     w2 = layer.weight.detach().clone().requires_grad_()
     b2 = layer.bias.detach().clone().requires_grad_()
@@ -128,8 +131,7 @@ def test_ghost_batches_each_renormalized_and_one_running_update(cls, shape, size
         renorm_reference(c, w2, b2, rm, rv, layer.eps, r_max, d_max) for c in x2.split(size)
     ])  # fmt: skip
     y2.backward(g)
-    y = _ghost_layer(cls, r_max, d_max, virtual_batch_size=size)(x.detach())
-    torch.testing.assert_close(y, y2.detach(), **TOL[torch.float64])
+    torch.testing.assert_close(y, y2, **TOL[torch.float64])
     torch.testing.assert_close(x.grad, x2.grad, **TOL[torch.float64])
     torch.testing.assert_close(layer.weight.grad, w2.grad, **TOL[torch.float64])
     torch.testing.assert_close(layer.bias.grad, b2.grad, **TOL[torch.float64])
@@ -138,8 +140,14 @@ def test_ghost_batches_each_renormalized_and_one_running_update(cls, shape, size
     torch.testing.assert_close(layer.running_mean, 0.9 * rm + 0.1 * whole.mean(dims))
     torch.testing.assert_close(layer.running_var, 0.9 * rv + 0.1 * whole.var(dims, correction=1))
     assert int(layer.num_batches_tracked) == 1  # one step, one update
-    # a ghost batch is not the whole batch: the outputs differ from plain renorm's
-    assert not torch.allclose(y, _ghost_layer(cls, r_max, d_max)(x.detach()))
+    # against plain renorm over the whole batch: unclipped, both forwards are the running-statistics
+    # normalization (r and d undo the batch's own), so only the gradients can tell a ghost batch
+    # from the batch; clipped, the outputs differ too
+    x3 = x.detach().clone().requires_grad_()
+    y3 = _ghost_layer(cls, r_max, d_max)(x3)
+    y3.backward(g)
+    assert not torch.allclose(x.grad, x3.grad)
+    assert torch.allclose(y.detach(), y3.detach()) == (r_max == 10.0)
 
 
 def test_ghost_batches_no_smaller_than_the_batch_are_plain_renorm():
@@ -162,7 +170,9 @@ def test_ghost_renorm_in_its_warmup_is_ghost_bn_and_eval_ignores_the_ghosts():
     b.load_state_dict(a.state_dict())
     x = torch.randn(12, 3, dtype=torch.float64) * 2 + 1
     torch.testing.assert_close(a(x), b(x), **TOL[torch.float64])
+    torch.testing.assert_close(a.running_mean, b.running_mean, **TOL[torch.float64])
     torch.testing.assert_close(a.running_var, b.running_var, **TOL[torch.float64])
+    assert int(a.num_batches_tracked) == int(b.num_batches_tracked) == 1
     a.warmup = 0
     assert not torch.allclose(a(x), b(x))  # the corrections are on now
     a.eval()
@@ -174,7 +184,9 @@ def test_ghost_renorm_in_its_warmup_is_ghost_bn_and_eval_ignores_the_ghosts():
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])
 def test_bad_ghost_sizes_are_refused(bad):
-    with pytest.raises(ValueError, match="virtual_batch_size must be a positive int"):
+    with pytest.raises(
+        ValueError, match=r"BatchRenorm1d\(3\): virtual_batch_size must be a positive"
+    ):
         BatchRenorm1d(3, virtual_batch_size=bad)
 
 
