@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.image
 import pytest
+import torch
 
 from batchnorm import data, runfiles
 from batchnorm.cli import main
@@ -30,20 +32,21 @@ def quick_study(data_root, tmp_path_factory):
 
 def test_quick_study_runs_every_arm_with_the_instruments(quick_study):
     doc = runfiles.read_study(quick_study)
-    assert doc["protocol"]["name"] == "mechanism-v3-quick"
+    assert doc["protocol"]["name"] == "mechanism-v4-quick"
     grid = doc["protocol"]["grid"]
     lrs = {f"lr:{a}:{lr:g}" for a in ("plain", "bn") for lr in (0.2, 1, 5, 50)}
     depth = {f"depth:{d}:{a}:{lr:g}" for d in (3, 10) for a in ("plain", "bn") for lr in (0.5, 2)}
     later = {"dropout:plain:0", "dropout:plain:0.5", "dropout:bn:0", "dropout:bn:0.5",
              "batch:ghost:4", "batch:ghost:60", "batch:renorm:4"}  # fmt: skip
-    assert set(grid) == {f"fig1:{a}" for a in report.ARMS} | lrs | depth | later
+    scale = {f"scale:10:{a}" for a in ("scaled", *report.TWINS)}
+    assert set(grid) == {f"fig1:{a}" for a in report.ARMS} | lrs | depth | later | scale
     # the cells that are part 1's runs train once
     assert grid["lr:bn:1"] == grid["fig1:bn"] == grid["dropout:bn:0"] == grid["batch:ghost:60"]
     assert "winners" in doc and doc["winners"] == {}  # nothing is selected
     runs = {r.path.name: r for r in runfiles.find_runs(quick_study)}
     noisy = runs[doc["protocol"]["grid"]["fig1:noisy-strong"][0]]
     assert (noisy.config["noise_scale"], noisy.config["noise_shift"]) == (3.0, 2.0)
-    assert len(runs) == 10 + 8 + 4
+    assert len(runs) == 10 + 8 + 4 + 4
     deep = runs[grid["depth:10:bn:0.5"][0]].config
     assert (deep["init"], len(deep["hidden"]), deep["instruments"]) == ("glorot", 10, False)
     assert runs[grid["dropout:plain:0.5"][0]].config["dropout"] == 0.5
@@ -71,18 +74,32 @@ def test_quick_study_runs_every_arm_with_the_instruments(quick_study):
     plain10 = max(runs[grid[f"depth:10:plain:{lr:g}"][0]].records[-1]["val_acc"] for lr in (0.5, 2))
     bn10 = max(runs[grid[f"depth:10:bn:{lr:g}"][0]].records[-1]["val_acc"] for lr in (0.5, 2))
     assert plain10 < 0.2 < 0.8 < bn10
+    # part 6: the scaled network is its twin with lr / a² on the hidden weights and BN's ε / a²,
+    # but for rounding (the weight norms are recorded to 6 decimals); with BN's own ε it is
+    # close, and with lr / a² everywhere it is another run (seen: 5e-7, 2e-3 and 0.3)
+    arm = {a: report.group(doc, runs, f"scale:10:{a}") for a in ("scaled", *report.TWINS)}
+    scaled = arm["scaled"].runs[1]
+    assert scaled.config["weight_scale"] == 10.0
+    assert arm["hidden-lr-eps"].runs[1].config["eps"] == pytest.approx(1e-7)
+    assert (
+        arm["all-lr"].runs[1].config["lr"] == arm["hidden-lr"].runs[1].config["hidden_lr"] == 0.01
+    )
+    gaps = {a: report.largest_gaps(arm["scaled"], arm[a], 10.0)[1] for a in report.TWINS}
+    assert gaps["hidden-lr-eps"][1] < 1e-5 < gaps["hidden-lr"][1] < 1e-2 < gaps["all-lr"][1]
+    assert gaps["hidden-lr-eps"][0] < 0.01 < gaps["all-lr"][0]  # validation accuracy
 
 
 def test_quick_study_report(quick_study):
     text = (quick_study / "report.md").read_text()
-    assert "The pre-registered study `mechanism-v3-quick`" in text
-    assert "All 22 runs have finished." in text
+    assert "The pre-registered study `mechanism-v4-quick`" in text
+    assert "All 26 runs have finished." in text
     assert "### Part 3: depth" in text and "| 13. Batch Renorm recovers" in text
+    assert "## Part 6: the scale of the weights" in text and "| 15. What separates them" in text
     assert "| 6. With BN, a · ∂L/∂(aW) = ∂L/∂W" in text and "| 7. BN allows much higher" in text
     for claim in ("fig1, noisy-weak: ICS (the paper) or Santurkar?",
                   "fig1: BN reduces Santurkar's ICS", "fig1: BN makes the loss smoother"):  # fmt: skip
         assert claim in text
-    for name in ("mechanism.png", "mechanism_lr.png", "mechanism_later.png"):
+    for name in ("mechanism.png", "mechanism_lr.png", "mechanism_later.png", "mechanism_scale.png"):
         img = matplotlib.image.imread(quick_study / name)
         assert img.shape[1] > 1000 and img.std() > 0.05
 
@@ -227,11 +244,42 @@ def test_the_study_needs_its_validation_images():
         mechanism.MechanismConfig(validation=0)
     with pytest.raises(ConfigError, match="noise_scale"):
         mechanism.MechanismConfig(network="bn", noise_scale=2.0)
+    for bad in (0.0, -1.0, math.inf, True):
+        with pytest.raises(ConfigError, match="weight_scale"):
+            mechanism.MechanismConfig(weight_scale=bad)
+    for bad in (-0.1, math.nan, True):
+        with pytest.raises(ConfigError, match="hidden_lr"):
+            mechanism.MechanismConfig(hidden_lr=bad)
+
+
+def test_weight_scale_and_hidden_lr_reach_the_hidden_layers_only(data_root):
+    mnist = data.load("mnist", data_root / "mnist", download=False)
+    base = replace(mechanism.MechanismConfig(), hidden=(20, 30), seed=4)
+    d = mechanism.EXPERIMENT.prepare(mnist, base)
+    plain = mechanism.MechanismTask(base, d)
+    task = mechanism.MechanismTask(replace(base, weight_scale=10.0, hidden_lr=0.25), d)
+    lin = [m for m in task.model if isinstance(m, torch.nn.Linear)]
+    lin0 = [m for m in plain.model if isinstance(m, torch.nn.Linear)]
+    for m, m0 in zip(lin[:-1], lin0[:-1], strict=True):
+        torch.testing.assert_close(m.weight, 10.0 * m0.weight, rtol=0, atol=0)
+    torch.testing.assert_close(lin[-1].weight, lin0[-1].weight, rtol=0, atol=0)  # not the output
+    hidden, rest = task.opt.param_groups
+    assert hidden["lr"] == 0.25 and rest["lr"] == base.lr
+    assert {id(p) for p in hidden["params"]} == {id(m.weight) for m in lin[:-1]}
+    assert len(hidden["params"]) + len(rest["params"]) == len(list(task.model.parameters()))
+    assert len(plain.opt.param_groups) == 1
+    # with batch statistics the scaled network is the unscaled one with BN's ε / a²
+    x, twin = d.x_val[:50], mechanism.MechanismTask(replace(base, eps=base.eps / 100), d)
+    torch.testing.assert_close(task.model(x), twin.model(x), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(task.model(x), plain.model(x), rtol=1e-5, atol=1e-6)
+    names = {mechanism.run_name(c) for c in (base, replace(base, weight_scale=10.0),
+             replace(base, hidden_lr=0.25), replace(base, eps=1e-7))}  # fmt: skip
+    assert len(names) == 4
 
 
 # -- parts 3-5 on known numbers -------------------------------------------------------------------
 
-JITTER = {1: 0.0, 2: 0.004, 3: -0.003}  # per seed, so that paired differences have a spread
+JITTER = {1: 0.0, 2: 0.004, 3: -0.003, 4: 0.002, 5: -0.001}  # per seed: paired differences spread
 
 
 def final_run(seed: int, test: float, *, val=None, train=None, diverged=False):
@@ -340,3 +388,51 @@ def test_small_batch_verdicts():
     s = later_study(batch_families({**ghost, 2: 0.97}, {2: 0.93}))
     assert later_verdict(s, "12.") == "not reproduced"
     assert later_verdict(s, "13.") == "pending"  # no renorm at 4
+
+
+# -- part 6 on known numbers -----------------------------------------------------------------------
+
+
+def scale_families(
+    shift: dict[str, dict[float, float]], *, spread: float = 0.0, diverged=()
+) -> dict:
+    """Scaled runs at 97% for a = 0.1 and 10, seeds 1-5; each twin ``shift[arm][a]`` below them,
+    ± ``spread`` alternating over the seeds; a (arm, a, seed) in ``diverged`` diverged."""
+    out = {}
+    for a in (0.1, 10.0):
+        out[f"scale:{a:g}:scaled"] = [final_run(s, 0.97) for s in range(1, 6)]
+        for arm in report.TWINS:
+            d = shift.get(arm, {}).get(a, 0.0)
+            out[f"scale:{a:g}:{arm}"] = [
+                final_run(s, 0.97 - d + spread * (-1) ** s, diverged=(arm, a, s) in diverged)
+                for s in range(1, 6)
+            ]
+    return out
+
+
+def scale_verdict(families: dict, start: str, **rules) -> str:
+    doc, runs = later_study(families)
+    doc["protocol"]["rules"] |= {"scale_seeds": [1, 2, 3, 4, 5], **rules}
+    return next(v for c, m, v in report.scale_verdicts(doc, runs) if c.startswith(start))
+
+
+def test_scale_verdicts_ask_for_an_interval_inside_half_a_point():
+    near = {"hidden-lr": {0.1: 0.002, 10.0: 0.001}}
+    assert scale_verdict(scale_families(near), "14.") == "reproduced"
+    assert scale_verdict(scale_families(near), "15.") == "yes"  # the ε twin: no difference
+    far = {"hidden-lr": {0.1: 0.01, 10.0: 0.001}, "hidden-lr-eps": {0.1: 0.006}}
+    assert scale_verdict(scale_families(far), "14.") == "partly: at a = 10"
+    assert scale_verdict(scale_families(far), "15.") == "partly: at a = 10"
+    # a mean of 0 is not enough: the interval must be narrow (spread ±0.6 pt over 5 seeds)
+    assert scale_verdict(scale_families({}, spread=0.006), "14.") == "not reproduced"
+    assert scale_verdict(scale_families({}, spread=0.006), "15.") == "no"
+    assert scale_verdict(scale_families({}, spread=0.001), "14.") == "reproduced"
+    # a diverged twin is not equivalent, whatever the other seeds say
+    assert scale_verdict(scale_families({}, diverged={("hidden-lr", 0.1, 2)}), "14.") == (
+        "partly: at a = 10"
+    )
+    families = scale_families({})
+    families["scale:10:hidden-lr"] = families["scale:10:hidden-lr"][:4]  # seed 5 not finished
+    assert scale_verdict(families, "14.") == "pending"
+    one = {k: v[:1] for k, v in scale_families({}).items()}
+    assert scale_verdict(one, "14.", scale_seeds=[1]).startswith("undecided: one seed")

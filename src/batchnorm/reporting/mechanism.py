@@ -26,9 +26,12 @@ __all__ = [
     "arm_of",
     "cells",
     "chosen_lr",
+    "equivalent",
     "group",
+    "largest_gaps",
     "later_verdicts",
     "part2_verdicts",
+    "scale_verdicts",
     "stable_range",
     "verdicts",
     "write_report",
@@ -764,6 +767,168 @@ def plot_later(doc: dict, runs: dict[str, runfiles.RunFiles], stem: Path) -> lis
     return save_figure(fig, stem)
 
 
+# -- part 6: the scale of the weights as a learning rate ------------------------------------------
+
+# part 6's unscaled runs, each against the scaled one of its (a, seed)
+TWINS = {
+    "hidden-lr": "lr / a² on the hidden weights",
+    "all-lr": "lr / a² on every parameter",
+    "hidden-lr-eps": "lr / a² on the hidden weights, BN's ε / a²",
+}
+
+
+def scale_arm(doc: dict, runs: dict[str, runfiles.RunFiles], a: float, arm: str) -> Arm:
+    return group(doc, runs, f"scale:{a:g}:{arm}")
+
+
+def largest_gaps(scaled: Arm, twin: Arm, a: float) -> dict[int, tuple[float, float]]:
+    """Per seed of both: the largest |validation accuracy difference| and the largest relative
+    difference of a hidden weight matrix's norm (‖V‖ / a against ‖W‖) over the evaluations of
+    both runs (NaN if either diverged)."""
+    out = {}
+    for s, r in scaled.runs.items():
+        t = twin.runs.get(s)
+        if t is None:
+            continue
+        if _diverged(r) or _diverged(t):
+            out[s] = (math.nan, math.nan)
+            continue
+        x = {q["step"]: q for q in r.records if "val_acc" in q}
+        y = {q["step"]: q for q in t.records if "val_acc" in q}
+        steps = sorted(set(x) & set(y))
+        acc = max(abs(x[k]["val_acc"] - y[k]["val_acc"]) for k in steps)
+        norm = max(
+            abs(u / a - v) / v for k in steps for u, v in zip(x[k]["w_norm"], y[k]["w_norm"],
+                                                              strict=True)
+        )  # fmt: skip
+        out[s] = (acc, norm)
+    return out
+
+
+def equivalent(doc: dict, scaled: Arm, twin: Arm):
+    """The registered test of part 6: (scaled − twin final test accuracy with its interval,
+    True / False, or None while a seed is missing)."""
+    rules = doc["protocol"]["rules"]
+    diff = _paired(_final(scaled), _final(twin))
+    n = len(rules["scale_seeds"])
+    if not len(scaled.runs) == len(twin.runs) == n:
+        return diff, None
+    if any(map(_diverged, [*scaled.runs.values(), *twin.runs.values()])) or diff is None:
+        return diff, False
+    w = rules["equivalent_within"]
+    return diff, diff.low is not None and -w <= diff.low and diff.high <= w
+
+
+def _scale_table(doc: dict, runs: dict[str, runfiles.RunFiles]) -> str:
+    rows = [
+        "| a | against the scaled run | its final test | scaled − it (test) | largest "
+        "validation accuracy difference over the run, per seed | largest weight-norm "
+        "difference, per seed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for a in doc["protocol"]["rules"]["scale_at"]:
+        scaled = scale_arm(doc, runs, a, "scaled")
+        rows.append(f"| {a:g} | (the scaled run) | {_mean_pct(_final(scaled))} | | | |")
+        for arm, label in TWINS.items():
+            twin = scale_arm(doc, runs, a, arm)
+            div = sum(map(_diverged, twin.runs.values()))
+            gaps = largest_gaps(scaled, twin, a)
+            acc = ", ".join(
+                "—" if math.isnan(g[0]) else f"{100 * g[0]:.2f} pt" for g in gaps.values()
+            )
+            norm = ", ".join("—" if math.isnan(g[1]) else f"{g[1]:.1e}" for g in gaps.values())
+            final = _mean_pct(_final(twin)) + (f" ({div} diverged)" if div else "")
+            diff = _pts(_paired(_final(scaled), _final(twin)))
+            rows.append(f"| {a:g} | {label} | {final} | {diff} | {acc or '—'} | {norm or '—'} |")
+    return "\n".join(rows)
+
+
+def scale_verdicts(doc: dict, runs: dict[str, runfiles.RunFiles]) -> list[tuple[str, str, str]]:
+    """Verdicts 14 and 15 (part 6), by the registered rules."""
+    rules, out = doc["protocol"]["rules"], []
+    claims = (
+        ("hidden-lr", "14. Scaling the weights into BN by a trains them as lr / a² would (Sec. "
+         "3.3; scaled − lr / a² on the hidden weights, test)", ("reproduced", "not reproduced")),
+        ("hidden-lr-eps", "15. What separates them is BN's ε (scaled − the same with ε / a², "
+         "test)", ("yes", "no")),
+    )  # fmt: skip
+    for arm, claim, (yes, no) in claims:
+        said, held = [], {}
+        for a in rules["scale_at"]:
+            diff, ok = equivalent(
+                doc, scale_arm(doc, runs, a, "scaled"), scale_arm(doc, runs, a, arm)
+            )
+            decided = ok is not None and len(rules["scale_seeds"]) > 1
+            said.append(f"a = {a:g}: {_pts(diff)}" + ("" if not decided else
+                        " (equivalent)" if ok else " (not equivalent)"))  # fmt: skip
+            held[a] = ok
+        if any(v is None for v in held.values()):
+            verdict = "pending"
+        elif all(held.values()):
+            verdict = yes
+        elif any(held.values()):
+            verdict = "partly: at a = " + ", ".join(f"{a:g}" for a, v in held.items() if v)
+        else:
+            verdict = no
+        w = 100 * rules["equivalent_within"]
+        out.append((claim, "; ".join(said) + f"; equivalent: the interval inside ±{w:g} pt",
+                    verdict))  # fmt: skip
+    if len(rules["scale_seeds"]) < 2:
+        out = [(c, m, v if v == "pending" else "undecided: one seed, no interval")
+               for c, m, v in out]  # fmt: skip
+    return out
+
+
+def plot_scale(doc: dict, runs: dict[str, runfiles.RunFiles], stem: Path) -> list[Path]:
+    """Part 6, per a (columns): validation accuracy over training of the scaled run and its
+    three twins (mean, min–max over seeds), and the relative difference of the hidden weight
+    norms, ‖V‖ / a against ‖W‖ (largest over the layers, mean over seeds)."""
+    from matplotlib.figure import Figure
+
+    scales = doc["protocol"]["rules"]["scale_at"]
+    fig = Figure(figsize=(max(7.0, 6.0 * len(scales)), 7.0), layout="constrained")
+    axes = fig.subplots(2, len(scales), squeeze=False)
+    colors = {"scaled": COLOR["bn"], "hidden-lr": COLOR["noisy-weak"],
+              "all-lr": COLOR["plain"], "hidden-lr-eps": COLOR["noisy-strong"]}  # fmt: skip
+    styles = {"scaled": "-", "hidden-lr": "--", "all-lr": ":", "hidden-lr-eps": "-."}
+    for col, a in enumerate(scales):
+        scaled = scale_arm(doc, runs, a, "scaled")
+        ax = axes[0][col]
+        for arm in ("scaled", *TWINS):
+            group_ = scale_arm(doc, runs, a, arm)
+            curves = [_curve(r, lambda x: x.get("val_acc")) for r in group_.runs.values()
+                      if not _diverged(r)]  # fmt: skip
+            if curves:
+                label = "scaled by a, lr 1" if arm == "scaled" else TWINS[arm]
+                band(ax, curves, f"{label} (n={len(curves)})", color=colors[arm],
+                     linestyle=styles[arm])  # fmt: skip
+        ax.set_ylim(0.8, 1.0)
+        ax.set_title(f"a = {a:g}: validation accuracy (below 0.8: off the axis)", fontsize=10)
+        ax = axes[1][col]
+        for arm in ("hidden-lr", "hidden-lr-eps"):
+            twin = scale_arm(doc, runs, a, arm)
+            curves = []
+            for s, r in scaled.runs.items():
+                t = twin.runs.get(s)
+                if t is None or _diverged(r) or _diverged(t):
+                    continue
+                y = {q["step"]: q["w_norm"] for q in t.records if "w_norm" in q}
+                pts = [(q["step"], max(abs(u / a - v) / v for u, v in
+                                       zip(q["w_norm"], y[q["step"]], strict=True)))
+                       for q in r.records if "w_norm" in q and q["step"] in y and q["step"] > 0]  # fmt: skip
+                curves.append(([p[0] for p in pts], [max(p[1], 1e-9) for p in pts]))
+            if curves:
+                band(ax, curves, f"scaled against {TWINS[arm]}", color=colors[arm],
+                     linestyle=styles[arm])  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_title(f"a = {a:g}: |‖V‖ / a − ‖W‖| / ‖W‖, largest hidden layer", fontsize=10)
+        for ax in axes[:, col]:
+            ax.set_xlabel("training steps")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    return save_figure(fig, stem)
+
+
 def write_report(folder: str | Path, found: Sequence[runfiles.RunFiles]) -> Path:
     """``report.md`` and ``mechanism.png/svg`` of a mechanism study folder."""
     folder = Path(folder)
@@ -813,6 +978,16 @@ def write_report(folder: str | Path, found: Sequence[runfiles.RunFiles]) -> Path
             "\n\n![parts 3–5](mechanism_later.png)"
         )
         plot_later(doc, runs, folder / "mechanism_later")
+    scale = "(not in this protocol)"
+    if "scale_at" in doc["protocol"]["rules"]:
+        table_rows += [f"| {c} | {m} | **{v}** |" for c, m, v in scale_verdicts(doc, runs)]
+        scale = (
+            "The fig1 network with BN, the hidden weights scaled by a, against its unscaled twins "
+            "(paired by seed; differences of the final test accuracy with a t 95% interval; the "
+            "weight-norm difference is |‖V‖ / a − ‖W‖| / ‖W‖, the largest over the layers and "
+            "the evaluations):\n\n" + _scale_table(doc, runs) + "\n\n![part 6](mechanism_scale.png)"
+        )
+        plot_scale(doc, runs, folder / "mechanism_scale")
     plot(doc, runs, folder / "mechanism")
     first = next((r for r in runs.values() if _finished(r)), None)
     env = first.env.get("sessions", [{}])[0] if first else {}
@@ -829,6 +1004,7 @@ def write_report(folder: str | Path, found: Sequence[runfiles.RunFiles]) -> Path
         tables="\n\n".join(tables),
         part2=part2,
         later=later,
+        scale=scale,
         verdicts="\n".join(table_rows),
         minutes=f"{span:.0f}",
         torch=first.versions.get("torch", "?") if first else "?",

@@ -2,7 +2,8 @@
 Santurkar et al. 2018 on the MNIST MLP family, with the instruments of
 :mod:`batchnorm.tools.instruments` reading during training, and the paper's other explanations
 (Sec. 3.3 scale invariance and learning rates, Sec. 4.2.1 saturating nonlinearities, Sec. 3.4
-regularization) and the mini-batch size (issue 20, parts 1–5).
+regularization), the mini-batch size, and the scale of the weights as a learning rate (issue 20,
+parts 1–6).
 
 The runs are Figure 1's (:mod:`..mnist`: binarized MNIST, plain SGD, batch 60, the same initial
 weights and batches for every network of a seed), with deeper networks, noisy BN
@@ -29,7 +30,8 @@ EXPERIMENT = Experiment(
         "Santurkar et al.'s ICS, the smoothness along the step and the drift of every hidden "
         "layer's inputs measured during training. Part 2: learning rates 0.05-50 and Sec. 3.3's "
         "scale check. Parts 3-5: sigmoid MLPs of depth 3-20, Dropout 0-0.5, and BN's statistics "
-        "from ghost batches of 2-16 and Batch Renorm. 3 seeds of 10,000 steps each. One folder "
+        "from ghost batches of 2-16 and Batch Renorm. Part 6: the hidden weights scaled by 0.1 "
+        "and 10 against lr / a² on them. 3 seeds (part 6: 5) of 10,000 steps each. One folder "
         "per run (config.json, env.json, metrics.jsonl/.csv, shift.json, checkpoint, "
         "TensorBoard events) and report.md in --out. Interrupted runs resume when the same "
         "command is run again."

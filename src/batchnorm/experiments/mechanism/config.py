@@ -1,6 +1,7 @@
 """Every setting of one run of the mechanism study: the Figure 1 run's, plus noisy BN's strength,
-how often the instruments measure, and (parts 3–5) the initialization, Dropout and the size of
-the batches BN's statistics come from."""
+how often the instruments measure, (parts 3–5) the initialization, Dropout and the size of the
+batches BN's statistics come from, and (part 6) a scale of the hidden weights and their own
+learning rate."""
 
 from __future__ import annotations
 
@@ -59,6 +60,20 @@ class MechanismConfig(MnistConfig):
         "ghost and renorm networks: examples per ghost batch that BN's statistics come from "
         "(0: the whole batch)",
         check=at_least(0),
+    )
+    weight_scale: float = param(
+        1.0,
+        "multiply the initial weights of every hidden layer by this (Sec. 3.3's a; with BN the "
+        "network computes the same function)",
+        check=positive,
+        cli=False,
+    )
+    hidden_lr: float = param(
+        0.0,
+        "learning rate of the hidden layers' weights (0: lr); BN's parameters and the output "
+        "layer keep lr",
+        check=lambda v: positive(v) if v != 0 or isinstance(v, bool) else None,
+        cli=False,
     )
     instruments: bool = param(
         True,

@@ -1,14 +1,16 @@
-"""The pre-registered mechanism study, parts 1 and 2 of issue 20: is reduced internal covariate
-shift the cause of BN's speed-up (the paper, Sec. 1–2), or not (Santurkar et al. 2018)? And does
-BN make back-propagation scale-invariant and tolerate much higher learning rates (Sec. 3.3)?
+"""The pre-registered mechanism study of issue 20. Part 1: is reduced internal covariate shift the
+cause of BN's speed-up (the paper, Sec. 1–2), or not (Santurkar et al. 2018)? Part 2: does BN
+make back-propagation scale-invariant and tolerate much higher learning rates (Sec. 3.3)?
 
 Version 1 (part 1 alone, registered in 3d78501) ran once (``results/mechanism`` of that commit).
 Version 2 (4901065) adds part 2 and leaves every run, measure and rule of part 1 as they were; it
 was written before any run of part 2, and ran once (``results/mechanism`` of fbf8565). Version 3
 adds parts 3–5 of issue 20 (saturating nonlinearities at depth, regularization, the mini-batch
 size), written before any run of them, and leaves every run, measure and rule of parts 1–2 as
-they were (the runs gain a ``train_acc`` reading, which changes no other number). Each version is
-written before its first full run and not changed after it (the report names the commit that
+they were (the runs gain a ``train_acc`` reading, which changes no other number). Version 4 adds
+part 6 (does scaling the weights into BN by a train like lr / a² on them? Sec. 3.3), written
+before any run of it, and leaves every run, measure and rule of parts 1–5 as they were. Each
+version is written before its first full run and not changed after it (the report names the commit that
 last changed this file; :mod:`batchnorm.experiments.protocol`). The report that applies
 :data:`RULES` is :mod:`batchnorm.reporting.mechanism`.
 """
@@ -38,6 +40,8 @@ DEPTH_LRS = (0.1, 0.5, 2.0)  # part 3: each network's best on validation
 DROPOUT = (0.0, 0.2, 0.5)  # part 4 (0: part 1's fig1 runs)
 GHOST = (2, 4, 8, 16, 60)  # part 5: examples per ghost batch (60, the whole batch: part 1's BN)
 RENORM_AT = (2, 4)  # part 5: Batch Renorm over ghost batches of these sizes
+SCALE_AT = (0.1, 10.0)  # part 6: the scales a of the hidden weights
+SCALE_SEEDS = (1, 2, 3, 4, 5)  # part 6: an equivalence needs a narrow interval, and runs are cheap
 RULES = {
     "ci": 0.95,
     "targets": [0.90, 0.95],  # validation accuracies for steps-to-target
@@ -60,6 +64,10 @@ RULES = {
     "renorm_at": list(RENORM_AT),
     "small": [2, 4],  # Wu & He: degradation below about 8 ghost examples
     "large": 16,  # ... and none at 16
+    # part 6
+    "scale_at": list(SCALE_AT),
+    "scale_seeds": list(SCALE_SEEDS),
+    "equivalent_within": 0.005,  # |scaled − lr/a² on the hidden weights| interval inside ±0.5 pt
 }
 
 TEXT = """\
@@ -178,6 +186,30 @@ ghost BN) over ghost batches of 2 and 4. Measures: final test accuracy and steps
     alone has it below 0 or ghost 16 is also worse; not reproduced if ghost 2's is not below 0.
 13. *Batch Renorm recovers part of it*: renorm k − ghost k above 0 for k = 2 and 4: reproduced;
     at one of them: "partly: 1 of 2"; at neither: not reproduced.
+
+**Part 6 (version 4): the scale of the weights as a learning rate (Sec. 3.3).** With BN after a
+hidden layer, the loss is the same for W and aW and its gradient is 1/a times as large, so SGD
+from aW at lr η moves W/a as SGD from W at lr η / a² would: exactly, up to BN's ε (the scaled
+network is the unscaled one with ε / a²) and floating-point rounding, whose effects SGD may
+amplify over 10,000 steps. It holds only for the weights BN follows; its γ and β and the output
+layer keep lr η. The fig1 network with BN (part 1's settings, lr 1), seeds 1–5, a ∈ {0.1, 10},
+four runs per (a, seed): *scaled*, the hidden weights of the seed's initial draw multiplied by
+a; *hidden-lr*, unscaled, the hidden weights at lr 1 / a² and every other parameter at lr 1;
+*all-lr*, unscaled, every parameter at lr 1 / a² (the reading that forgets γ, β and the output
+layer); *hidden-lr-eps*, as hidden-lr with BN's ε / a² (the scaled run's exact twin, but for
+rounding). Measured as in parts 3–5. Per seed: the final test accuracy, the largest |difference| of
+validation accuracy over the evaluations, and the largest relative difference of each hidden
+weight matrix's norm, ‖V‖ / a against ‖W‖, over the evaluations (the norms are recorded to 6
+decimals, so differences below about 1e-6 are the record's rounding).
+
+14. *Scaling the weights into BN by a trains them as lr / a² would*: at a given a, "equivalent"
+    if no seed diverged in either run and the paired t 95% interval of the final test accuracy,
+    scaled − hidden-lr, lies inside ±0.5 point. Equivalent at both a: reproduced; at one: "partly:
+    at a = …"; at neither: not reproduced. At a = 0.1, ε / a² = 1e-3 is not small against the
+    variance of Wu at this init (about 0.01), so the equivalence may stop there. Reported beside
+    without a verdict: scaled − all-lr with its interval, and the per-seed largest differences.
+15. *What separates them is BN's ε*: the same test, scaled against hidden-lr-eps: equivalent at
+    both a: yes; at one: "partly: at a = …"; at neither: no.
 """
 
 
@@ -239,25 +271,47 @@ def _later_runs(
     return out
 
 
+def _scale_runs(base: MechanismConfig, scales, seeds) -> list[tuple[str, MechanismConfig]]:
+    """Part 6: per (a, seed), the fig1 BN network scaled by a, and unscaled at lr / a² on its
+    hidden weights only, on every parameter, and on its hidden weights with BN's ε / a²."""
+    fig1 = replace(
+        base, network="bn", hidden=NETS["fig1"][0], init_std=NETS["fig1"][1], instruments=False
+    )
+    out = []
+    for seed in seeds:
+        for a in scales:
+            lr = float(f"{base.lr / a**2:.12g}")  # 100, not 99.99999999999999
+            out += [
+                (f"scale:{a:g}:scaled", replace(fig1, weight_scale=a, seed=seed)),
+                (f"scale:{a:g}:hidden-lr", replace(fig1, hidden_lr=lr, seed=seed)),
+                (f"scale:{a:g}:all-lr", replace(fig1, lr=lr, seed=seed)),
+                (f"scale:{a:g}:hidden-lr-eps", replace(
+                    fig1, hidden_lr=lr, eps=float(f"{base.eps / a**2:.12g}"), seed=seed
+                )),
+            ]  # fmt: skip
+    return out
+
+
 def protocol(base: MechanismConfig, quick: bool = False) -> Protocol:
     """The study on ``base`` (the command line's other settings, such as threads); ``quick``:
     the same arms at CI size (``base`` is then the --quick preset): the fig1 network only, seed
     1, four learning rates, depths 3 and 10 at two learning rates, Dropout 0.5, ghost batches of
-    4 and Batch Renorm over them."""
+    4 and Batch Renorm over them, the weight scale a = 10."""
     if quick:
         grid = (0.2, 1.0, 5.0, 50.0)
         runs = _runs(base, {"fig1": NETS["fig1"]}, ARMS, (1,)) + _lr_runs(base, grid, (1,))
         later = {"depths": [3, 10], "depth_lrs": [0.5, 2.0], "dropout": [0.0, 0.5],
                  "ghost": [4, 60], "renorm_at": [4]}  # fmt: skip
-        runs += _later_runs(base, **later, seeds=(1,))
+        runs += _later_runs(base, **later, seeds=(1,)) + _scale_runs(base, (10.0,), (1,))
         rules = {**RULES, "seeds": [1], "lr_grid": list(grid), **later, "deep": [10],
-                 "small": [4], "large": 4}  # fmt: skip
-        name = "mechanism-v3-quick"
+                 "small": [4], "large": 4, "scale_at": [10.0], "scale_seeds": [1]}  # fmt: skip
+        name = "mechanism-v4-quick"
     else:
         runs = _runs(base, NETS, ARMS, SEEDS) + _lr_runs(base, LR_GRID, SEEDS)
         runs += _later_runs(base, DEPTHS, DEPTH_LRS, DROPOUT, GHOST, RENORM_AT, SEEDS)
+        runs += _scale_runs(base, SCALE_AT, SCALE_SEEDS)
         rules = {**RULES, "seeds": list(SEEDS)}
-        name = "mechanism-v3"
+        name = "mechanism-v4"
     return Protocol(
         name=name, source=__file__, text=TEXT, grid=runs, metric={}, last=1,
         then=lambda winners: [], rules=rules,

@@ -24,7 +24,9 @@ with no BN, BN, noisy BN, ghost BN (:class:`~batchnorm.nn.GhostBatchNorm1d`) or 
 (:class:`~batchnorm.nn.BatchRenorm1d`, :data:`RENORM`) over ghost batches of ``virtual_batch``
 examples; Glorot's initialization instead of N(0, init_std²) with ``init = "glorot"``; Dropout
 after every hidden sigmoid with ``dropout`` > 0 (drawn from the run's seeded, checkpointed torch
-generator).
+generator); the hidden weights multiplied by ``weight_scale`` after the draw, and trained at
+their own learning rate ``hidden_lr`` (if not 0) while BN's parameters and the output layer keep
+``lr``.
 
 A non-finite training loss stops the run as diverged (the loop's record says so).
 """
@@ -62,6 +64,7 @@ SCALES = (0.1, 10.0)  # the weight scales a of the step-0 scale check (Sec. 3.3)
 # Batch Renorm's bounds (Ioffe 2017's final r_max, d_max) after 500 steps of plain (ghost) BN
 RENORM = {"r_max": 3.0, "d_max": 5.0, "warmup": 500}
 TRAIN_PROBE = 10_000  # training images of train_acc
+DEFAULT_EPS = MechanismConfig().eps  # run names mention BN's eps only when it is another
 
 
 def run_name(cfg: MechanismConfig) -> str:
@@ -69,10 +72,18 @@ def run_name(cfg: MechanismConfig) -> str:
     ghost = str(cfg.virtual_batch) if cfg.virtual_batch else ""
     init = "_glorot" if cfg.init == "glorot" else f"_std{cfg.init_std:g}"
     drop = f"_drop{cfg.dropout:g}" if cfg.dropout else ""
+    scale = f"_wscale{cfg.weight_scale:g}" if cfg.weight_scale != 1.0 else ""
+    hidden_lr = f"_hlr{cfg.hidden_lr:g}" if cfg.hidden_lr else ""
+    eps = f"_eps{cfg.eps:g}" if cfg.eps != DEFAULT_EPS else ""
     return (
-        f"{cfg.network}{ghost}{noise}_depth{len(cfg.hidden)}_lr{cfg.lr:g}{init}{drop}"
-        f"_seed{cfg.seed}"
+        f"{cfg.network}{ghost}{noise}_depth{len(cfg.hidden)}_lr{cfg.lr:g}{hidden_lr}{init}{scale}"
+        f"{eps}{drop}_seed{cfg.seed}"
     )
+
+
+def hidden_linear(model: nn.Module) -> list[nn.Linear]:
+    """The hidden layers' linear maps: every ``nn.Linear`` but the last (the output layer)."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][:-1]
 
 
 def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -86,6 +97,13 @@ class MechanismTask(MnistTask):
         super().__init__(cfg, d)
         self.name = run_name(cfg)
         self.progress_keys = ("val_acc",)
+        if cfg.hidden_lr:  # the hidden weights at their own learning rate, the rest at lr
+            own = {id(p) for m in hidden_linear(self.model) for p in m.parameters()}
+            params = list(self.model.parameters())
+            self.opt = torch.optim.SGD([
+                {"params": [p for p in params if id(p) in own], "lr": cfg.hidden_lr},
+                {"params": [p for p in params if id(p) not in own]},
+            ], lr=cfg.lr)  # fmt: skip
         probe = d.x_val[: cfg.probe_examples]  # the config holds out at least that many
         self.tracker = ShiftTracker(self.model, [probe], modules=nn.Sigmoid, mode="train")
 
@@ -109,6 +127,10 @@ class MechanismTask(MnistTask):
                     if isinstance(m, nn.Linear):
                         std = (2.0 / (m.in_features + m.out_features)) ** 0.5
                         m.weight.normal_(0.0, std, generator=gen)
+        if cfg.weight_scale != 1.0:  # Sec. 3.3's W -> aW, after the draw of either init
+            with torch.no_grad():
+                for m in hidden_linear(model):
+                    m.weight.mul_(cfg.weight_scale)
         if cfg.dropout:
             parts = []
             for m in model:
