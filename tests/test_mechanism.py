@@ -17,7 +17,7 @@ import torch
 from batchnorm import data, runfiles
 from batchnorm.cli import main
 from batchnorm.experiments import mechanism
-from batchnorm.experiments.mechanism.protocol import RULES
+from batchnorm.experiments.mechanism.protocol import RULES, STUDY_BASE, protocol
 from batchnorm.experiments.study import run_one
 from batchnorm.reporting import mechanism as report
 
@@ -249,12 +249,23 @@ def test_the_study_needs_its_validation_images():
             mechanism.MechanismConfig(weight_scale=bad)
     for bad in (-0.1, math.nan, True):
         with pytest.raises(ConfigError, match="hidden_lr"):
-            mechanism.MechanismConfig(hidden_lr=bad)
+            mechanism.MechanismConfig(hidden_lr=bad, instruments=False)
+    with pytest.raises(ConfigError, match="hidden_lr needs instruments off"):
+        mechanism.MechanismConfig(hidden_lr=0.5)  # smoothness would probe another step
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_one_run_name_is_one_config(quick):
+    """The study trains one run per name: two settings under one name would lose one of them."""
+    by_name = {}
+    for _, cfg in protocol(STUDY_BASE, quick=quick).grid:
+        assert by_name.setdefault(mechanism.run_name(cfg), cfg) == cfg
+    assert len(by_name) == (26 if quick else 220)
 
 
 def test_weight_scale_and_hidden_lr_reach_the_hidden_layers_only(data_root):
     mnist = data.load("mnist", data_root / "mnist", download=False)
-    base = replace(mechanism.MechanismConfig(), hidden=(20, 30), seed=4)
+    base = replace(mechanism.MechanismConfig(), hidden=(20, 30), seed=4, instruments=False)
     d = mechanism.EXPERIMENT.prepare(mnist, base)
     plain = mechanism.MechanismTask(base, d)
     task = mechanism.MechanismTask(replace(base, weight_scale=10.0, hidden_lr=0.25), d)
@@ -275,6 +286,19 @@ def test_weight_scale_and_hidden_lr_reach_the_hidden_layers_only(data_root):
     names = {mechanism.run_name(c) for c in (base, replace(base, weight_scale=10.0),
              replace(base, hidden_lr=0.25), replace(base, eps=1e-7))}  # fmt: skip
     assert len(names) == 4
+    # without BN the hidden layers have biases: they keep lr, and Dropout moves no layer
+    cfg = replace(base, network="plain", dropout=0.2, weight_scale=0.5, hidden_lr=0.25)
+    task = mechanism.MechanismTask(cfg, d)
+    lin = [m for m in task.model if isinstance(m, torch.nn.Linear)]
+    assert any(isinstance(m, torch.nn.Dropout) for m in task.model)
+    hidden, rest = task.opt.param_groups
+    assert {id(p) for p in hidden["params"]} == {id(m.weight) for m in lin[:-1]}
+    assert {id(m.bias) for m in lin} <= {id(p) for p in rest["params"]}
+    ref = mechanism.MechanismTask(replace(cfg, weight_scale=1.0, hidden_lr=0.0), d)
+    ref_lin = [m for m in ref.model if isinstance(m, torch.nn.Linear)]
+    for m, m0 in zip(lin, ref_lin, strict=True):
+        factor = 0.5 if m is not lin[-1] else 1.0
+        torch.testing.assert_close(m.weight, factor * m0.weight, rtol=0, atol=0)
 
 
 # -- parts 3-5 on known numbers -------------------------------------------------------------------
@@ -284,9 +308,9 @@ JITTER = {1: 0.0, 2: 0.004, 3: -0.003, 4: 0.002, 5: -0.001}  # per seed: paired 
 
 def final_run(seed: int, test: float, *, val=None, train=None, diverged=False):
     """A finished 1,000-step run ending at ``test`` accuracy (``val``, ``train``: its others)."""
-    test += JITTER[seed]
+    test += JITTER.get(seed, 0.0)
     last = {"step": 1000, "val_acc": test if val is None else val, "test_acc": test,
-            "train_acc": test if train is None else train + JITTER[seed]}  # fmt: skip
+            "train_acc": test if train is None else train + JITTER.get(seed, 0.0)}  # fmt: skip
     if diverged:
         last = {"step": 600, "diverged": "the training loss is nan"}
     records = [{"step": 0, "val_acc": 0.1, "test_acc": 0.1, "train_acc": 0.1}, last]
@@ -410,6 +434,32 @@ def scale_families(
     return out
 
 
+def norm_run(seed: int, norms: list[list[float]], accs: list[float], *, diverged=False):
+    """A finished run with ``w_norm`` and ``val_acc`` at steps 0, 100, 200, ..."""
+    records = [{"step": 100 * i, "val_acc": v, "test_acc": v, "w_norm": w}
+               for i, (w, v) in enumerate(zip(norms, accs, strict=True))]  # fmt: skip
+    records[-1]["step"] = 1000
+    if diverged:
+        records.append({"step": 1000, "diverged": "the training loss is nan"})
+    return runfiles.RunFiles(
+        path=Path(f"run{next(NAMES)}"), experiment="mechanism",
+        config={"seed": seed, "steps": 1000}, network={"name": "x"}, records=records, extra={},
+    )  # fmt: skip
+
+
+def test_largest_gaps_divide_by_a_and_skip_step_0_and_divergence():
+    a = 0.1
+    scaled = report.Arm({1: norm_run(1, [[0.3, 9.0], [0.2, 0.4], [0.5, 0.6]], [0.1, 0.9, 0.95]),
+                         2: norm_run(2, [[0.3, 9.0], [0.2, 0.4], [0.5, 0.6]], [0.1, 0.9, 0.95])},
+                        100)  # fmt: skip
+    twin = report.Arm({1: norm_run(1, [[1.0, 1.0], [2.0, 4.4], [5.0, 6.0]], [0.1, 0.8, 0.96]),
+                       2: norm_run(2, [[1.0, 1.0], [2.0, 4.0], [5.0, 6.0]], [0.1, 0.9, 0.95],
+                                   diverged=True)}, 100)  # fmt: skip
+    gaps = report.largest_gaps(scaled, twin, a)
+    assert gaps[1] == pytest.approx((0.1, 0.4 / 4.4))  # step 0 (8x off) is not compared
+    assert all(math.isnan(g) for g in gaps[2])
+
+
 def scale_verdict(families: dict, start: str, **rules) -> str:
     doc, runs = later_study(families)
     doc["protocol"]["rules"] |= {"scale_seeds": [1, 2, 3, 4, 5], **rules}
@@ -427,10 +477,17 @@ def test_scale_verdicts_ask_for_an_interval_inside_half_a_point():
     assert scale_verdict(scale_families({}, spread=0.006), "14.") == "not reproduced"
     assert scale_verdict(scale_families({}, spread=0.006), "15.") == "no"
     assert scale_verdict(scale_families({}, spread=0.001), "14.") == "reproduced"
-    # a diverged twin is not equivalent, whatever the other seeds say
+    # a diverged twin, or a diverged scaled run, is not equivalent, whatever the others say
     assert scale_verdict(scale_families({}, diverged={("hidden-lr", 0.1, 2)}), "14.") == (
         "partly: at a = 10"
     )
+    families = scale_families({})
+    families["scale:10:scaled"][3] = final_run(4, 0.97, diverged=True)
+    assert scale_verdict(families, "14.") == "partly: at a = 0.1"
+    assert scale_verdict(families, "15.") == "partly: at a = 0.1"
+    families = scale_families({})
+    families["scale:10:hidden-lr"][4] = final_run(6, 0.97)  # five seeds, not the registered
+    assert scale_verdict(families, "14.") == "pending"
     families = scale_families({})
     families["scale:10:hidden-lr"] = families["scale:10:hidden-lr"][:4]  # seed 5 not finished
     assert scale_verdict(families, "14.") == "pending"

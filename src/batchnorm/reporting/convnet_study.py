@@ -625,7 +625,8 @@ def plot_factors(study: Study, stem: Path) -> list[Path]:
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_ylabel("factor to T (Baseline's steps ÷ own; bootstrap 95%)")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # an unfinished study may have nothing here yet
+            ax.legend(fontsize=8)
     return save_figure(fig, stem)
 
 

@@ -784,7 +784,7 @@ def scale_arm(doc: dict, runs: dict[str, runfiles.RunFiles], a: float, arm: str)
 def largest_gaps(scaled: Arm, twin: Arm, a: float) -> dict[int, tuple[float, float]]:
     """Per seed of both: the largest |validation accuracy difference| and the largest relative
     difference of a hidden weight matrix's norm (‖V‖ / a against ‖W‖) over the evaluations of
-    both runs (NaN if either diverged)."""
+    both runs after step 0 (NaN if either diverged)."""
     out = {}
     for s, r in scaled.runs.items():
         t = twin.runs.get(s)
@@ -795,7 +795,7 @@ def largest_gaps(scaled: Arm, twin: Arm, a: float) -> dict[int, tuple[float, flo
             continue
         x = {q["step"]: q for q in r.records if "val_acc" in q}
         y = {q["step"]: q for q in t.records if "val_acc" in q}
-        steps = sorted(set(x) & set(y))
+        steps = sorted(set(x) & set(y) - {0})  # at step 0, V = aW by construction
         acc = max(abs(x[k]["val_acc"] - y[k]["val_acc"]) for k in steps)
         norm = max(
             abs(u / a - v) / v for k in steps for u, v in zip(x[k]["w_norm"], y[k]["w_norm"],
@@ -810,8 +810,7 @@ def equivalent(doc: dict, scaled: Arm, twin: Arm):
     True / False, or None while a seed is missing)."""
     rules = doc["protocol"]["rules"]
     diff = _paired(_final(scaled), _final(twin))
-    n = len(rules["scale_seeds"])
-    if not len(scaled.runs) == len(twin.runs) == n:
+    if not set(scaled.runs) == set(twin.runs) == set(rules["scale_seeds"]):
         return diff, None
     if any(map(_diverged, [*scaled.runs.values(), *twin.runs.values()])) or diff is None:
         return diff, False

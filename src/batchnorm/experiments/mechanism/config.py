@@ -104,6 +104,12 @@ class MechanismConfig(MnistConfig):
             )
         if self.network != "noisy" and (self.noise_scale, self.noise_shift) != (1.0, 0.0):
             raise self.error("noise_scale", "is noisy BN's; the network is " + self.network)
+        if self.hidden_lr and self.instruments:
+            raise self.error(
+                "hidden_lr",
+                "needs instruments off: the smoothness instrument steps along the gradient at lr, "
+                "which is not this run's step",
+            )
         small = self.network in SMALL_BATCH
         if small and not 2 <= self.virtual_batch < self.batch_size:
             raise self.error(

@@ -197,16 +197,19 @@ four runs per (a, seed): *scaled*, the hidden weights of the seed's initial draw
 a; *hidden-lr*, unscaled, the hidden weights at lr 1 / a² and every other parameter at lr 1;
 *all-lr*, unscaled, every parameter at lr 1 / a² (the reading that forgets γ, β and the output
 layer); *hidden-lr-eps*, as hidden-lr with BN's ε / a² (the scaled run's exact twin, but for
-rounding). Measured as in parts 3–5. Per seed: the final test accuracy, the largest |difference| of
-validation accuracy over the evaluations, and the largest relative difference of each hidden
-weight matrix's norm, ‖V‖ / a against ‖W‖, over the evaluations (the norms are recorded to 6
-decimals, so differences below about 1e-6 are the record's rounding).
+rounding, in training mode; in inference mode both start from BN's moving averages 0 and 1,
+so there they differ at step 0 and by a share that decays as 0.9^t after). Measured as in parts
+3–5. Per seed: the final test accuracy, the largest |difference| of validation accuracy over
+the evaluations, and the largest relative difference of each hidden weight matrix's norm,
+‖V‖ / a against ‖W‖, over the evaluations after step 0 (the norms are recorded to 6 decimals,
+so differences below about 1e-6 are the record's rounding).
 
 14. *Scaling the weights into BN by a trains them as lr / a² would*: at a given a, "equivalent"
     if no seed diverged in either run and the paired t 95% interval of the final test accuracy,
     scaled − hidden-lr, lies inside ±0.5 point. Equivalent at both a: reproduced; at one: "partly:
-    at a = …"; at neither: not reproduced. At a = 0.1, ε / a² = 1e-3 is not small against the
-    variance of Wu at this init (about 0.01), so the equivalence may stop there. Reported beside
+    at a = …"; at neither: not reproduced. At a = 0.1, ε / a² = 1e-3 is larger than the batch
+    variance of Wu at this init in hidden layers 2–3 (about 4e-4; 6e-3 in layer 1) until the
+    weights grow, so the equivalence may stop there. Reported beside
     without a verdict: scaled − all-lr with its interval, and the per-seed largest differences.
 15. *What separates them is BN's ε*: the same test, scaled against hidden-lr-eps: equivalent at
     both a: yes; at one: "partly: at a = …"; at neither: no.

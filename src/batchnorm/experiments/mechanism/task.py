@@ -98,7 +98,7 @@ class MechanismTask(MnistTask):
         self.name = run_name(cfg)
         self.progress_keys = ("val_acc",)
         if cfg.hidden_lr:  # the hidden weights at their own learning rate, the rest at lr
-            own = {id(p) for m in hidden_linear(self.model) for p in m.parameters()}
+            own = {id(m.weight) for m in hidden_linear(self.model)}
             params = list(self.model.parameters())
             self.opt = torch.optim.SGD([
                 {"params": [p for p in params if id(p) in own], "lr": cfg.hidden_lr},
