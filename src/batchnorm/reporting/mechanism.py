@@ -924,7 +924,8 @@ def plot_scale(doc: dict, runs: dict[str, runfiles.RunFiles], stem: Path) -> lis
         for ax in axes[:, col]:
             ax.set_xlabel("training steps")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            if ax.get_legend_handles_labels()[0]:  # nothing finished yet: no legend
+                ax.legend(fontsize=8)
     return save_figure(fig, stem)
 
 
