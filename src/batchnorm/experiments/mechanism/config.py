@@ -64,7 +64,7 @@ class MechanismConfig(MnistConfig):
     weight_scale: float = param(
         1.0,
         "multiply the initial weights of every hidden layer by this (Sec. 3.3's a; with BN the "
-        "network computes the same function)",
+        "network computes the same function, up to BN's eps)",
         check=positive,
         cli=False,
     )
