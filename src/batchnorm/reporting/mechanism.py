@@ -30,6 +30,7 @@ __all__ = [
     "group",
     "largest_gaps",
     "later_verdicts",
+    "norm_gap",
     "part2_verdicts",
     "scale_verdicts",
     "stable_range",
@@ -793,16 +794,22 @@ def largest_gaps(scaled: Arm, twin: Arm, a: float) -> dict[int, tuple[float, flo
         if _diverged(r) or _diverged(t):
             out[s] = (math.nan, math.nan)
             continue
-        x = {q["step"]: q for q in r.records if "val_acc" in q}
-        y = {q["step"]: q for q in t.records if "val_acc" in q}
-        steps = sorted(set(x) & set(y) - {0})  # at step 0, V = aW by construction
-        acc = max(abs(x[k]["val_acc"] - y[k]["val_acc"]) for k in steps)
-        norm = max(
-            abs(u / a - v) / v for k in steps for u, v in zip(x[k]["w_norm"], y[k]["w_norm"],
-                                                              strict=True)
-        )  # fmt: skip
-        out[s] = (acc, norm)
+        x = {q["step"]: q["val_acc"] for q in r.records if "val_acc" in q}
+        y = {q["step"]: q["val_acc"] for q in t.records if "val_acc" in q}
+        acc = max(abs(x[k] - y[k]) for k in set(x) & set(y) - {0})
+        out[s] = (acc, max(norm_gap(r, t, a).values()))
     return out
+
+
+def norm_gap(scaled: runfiles.RunFiles, twin: runfiles.RunFiles, a: float) -> dict[int, float]:
+    """Step → |‖V‖ / a − ‖W‖| / ‖W‖, the largest over the hidden layers, at every evaluation
+    after step 0 that both runs recorded (at step 0, V = aW by construction)."""
+    w = {q["step"]: q["w_norm"] for q in twin.records if "w_norm" in q}
+    return {
+        q["step"]: max(abs(u / a - v) / v for u, v in zip(q["w_norm"], w[q["step"]], strict=True))
+        for q in scaled.records
+        if "w_norm" in q and q["step"] in w and q["step"] > 0
+    }
 
 
 def equivalent(doc: dict, scaled: Arm, twin: Arm):
@@ -911,11 +918,8 @@ def plot_scale(doc: dict, runs: dict[str, runfiles.RunFiles], stem: Path) -> lis
                 t = twin.runs.get(s)
                 if t is None or _diverged(r) or _diverged(t):
                     continue
-                y = {q["step"]: q["w_norm"] for q in t.records if "w_norm" in q}
-                pts = [(q["step"], max(abs(u / a - v) / v for u, v in
-                                       zip(q["w_norm"], y[q["step"]], strict=True)))
-                       for q in r.records if "w_norm" in q and q["step"] in y and q["step"] > 0]  # fmt: skip
-                curves.append(([p[0] for p in pts], [max(p[1], 1e-9) for p in pts]))
+                gap = norm_gap(r, t, a)
+                curves.append((list(gap), [max(g, 1e-9) for g in gap.values()]))
             if curves:
                 band(ax, curves, f"scaled against {TWINS[arm]}", color=colors[arm],
                      linestyle=styles[arm])  # fmt: skip
@@ -927,6 +931,52 @@ def plot_scale(doc: dict, runs: dict[str, runfiles.RunFiles], stem: Path) -> lis
             if ax.get_legend_handles_labels()[0]:  # nothing finished yet: no legend
                 ax.legend(fontsize=8)
     return save_figure(fig, stem)
+
+
+def _part2_section(doc: dict, runs: dict[str, runfiles.RunFiles], folder: Path) -> str:
+    plot_lr(doc, runs, folder / "mechanism_lr")
+    return (
+        "Final validation accuracy, mean over seeds (a cell is stable if no seed diverged and "
+        "it is within 1 point of the network's best):\n\n"
+        + _lr_table(doc, runs)
+        + "\n\n"
+        + _norm_table(doc, runs)
+        + "\n\n![final accuracy against the learning rate](mechanism_lr.png)"
+    )
+
+
+def _later_section(doc: dict, runs: dict[str, runfiles.RunFiles], folder: Path) -> str:
+    plot_later(doc, runs, folder / "mechanism_later")
+    return (
+        "### Part 3: depth (each network at its best lr of three, chosen on validation)\n\n"
+        + _depth_table(doc, runs)
+        + "\n\n### Part 4: Dropout (the fig1 network)\n\n"
+        + _dropout_table(doc, runs)
+        + "\n\n### Part 5: the size of the batches BN's statistics come from (fig1, with BN)"
+        "\n\n"
+        + _batch_table(doc, runs)
+        + "\n\nDifferences: mean over seeds, paired, with a t 95% interval, in points."
+        "\n\n![parts 3–5](mechanism_later.png)"
+    )
+
+
+def _scale_section(doc: dict, runs: dict[str, runfiles.RunFiles], folder: Path) -> str:
+    plot_scale(doc, runs, folder / "mechanism_scale")
+    return (
+        "The fig1 network with BN, the hidden weights scaled by a, against its unscaled twins "
+        "(paired by seed; differences of the final test accuracy with a t 95% interval; the "
+        "weight-norm difference is |‖V‖ / a − ‖W‖| / ‖W‖, the largest over the layers and "
+        "the evaluations):\n\n" + _scale_table(doc, runs) + "\n\n![part 6](mechanism_scale.png)"
+    )
+
+
+# The parts a protocol may leave out: the report's template field → (the rule key that is in
+# the protocol when the part is, its verdicts, its section of the report with its figure).
+_OPTIONAL_PARTS = {
+    "part2": ("lr_grid", part2_verdicts, _part2_section),
+    "later": ("depths", later_verdicts, _later_section),
+    "scale": ("scale_at", scale_verdicts, _scale_section),
+}
 
 
 def write_report(folder: str | Path, found: Sequence[runfiles.RunFiles]) -> Path:
@@ -951,43 +1001,12 @@ def write_report(folder: str | Path, found: Sequence[runfiles.RunFiles]) -> Path
     for net in nets_of(doc):
         tables.append(f"### {net}\n\n{_table(doc, runs, net)}")
         table_rows += [f"| {c} | {m} | **{v}** |" for c, m, v in verdicts(doc, runs, net)]
-    part2 = "(not in this protocol)"
-    if "lr_grid" in doc["protocol"]["rules"]:
-        table_rows += [f"| {c} | {m} | **{v}** |" for c, m, v in part2_verdicts(doc, runs)]
-        part2 = (
-            "Final validation accuracy, mean over seeds (a cell is stable if no seed diverged and "
-            "it is within 1 point of the network's best):\n\n"
-            + _lr_table(doc, runs)
-            + "\n\n"
-            + _norm_table(doc, runs)
-            + "\n\n![final accuracy against the learning rate](mechanism_lr.png)"
-        )
-        plot_lr(doc, runs, folder / "mechanism_lr")
-    later = "(not in this protocol)"
-    if "depths" in doc["protocol"]["rules"]:
-        table_rows += [f"| {c} | {m} | **{v}** |" for c, m, v in later_verdicts(doc, runs)]
-        later = (
-            "### Part 3: depth (each network at its best lr of three, chosen on validation)\n\n"
-            + _depth_table(doc, runs)
-            + "\n\n### Part 4: Dropout (the fig1 network)\n\n"
-            + _dropout_table(doc, runs)
-            + "\n\n### Part 5: the size of the batches BN's statistics come from (fig1, with BN)"
-            "\n\n"
-            + _batch_table(doc, runs)
-            + "\n\nDifferences: mean over seeds, paired, with a t 95% interval, in points."
-            "\n\n![parts 3–5](mechanism_later.png)"
-        )
-        plot_later(doc, runs, folder / "mechanism_later")
-    scale = "(not in this protocol)"
-    if "scale_at" in doc["protocol"]["rules"]:
-        table_rows += [f"| {c} | {m} | **{v}** |" for c, m, v in scale_verdicts(doc, runs)]
-        scale = (
-            "The fig1 network with BN, the hidden weights scaled by a, against its unscaled twins "
-            "(paired by seed; differences of the final test accuracy with a t 95% interval; the "
-            "weight-norm difference is |‖V‖ / a − ‖W‖| / ‖W‖, the largest over the layers and "
-            "the evaluations):\n\n" + _scale_table(doc, runs) + "\n\n![part 6](mechanism_scale.png)"
-        )
-        plot_scale(doc, runs, folder / "mechanism_scale")
+    sections = {}
+    for field, (key, verdicts_of, section_of) in _OPTIONAL_PARTS.items():
+        sections[field] = "(not in this protocol)"
+        if key in doc["protocol"]["rules"]:
+            table_rows += [f"| {c} | {m} | **{v}** |" for c, m, v in verdicts_of(doc, runs)]
+            sections[field] = section_of(doc, runs, folder)
     plot(doc, runs, folder / "mechanism")
     first = next((r for r in runs.values() if _finished(r)), None)
     env = first.env.get("sessions", [{}])[0] if first else {}
@@ -1002,9 +1021,7 @@ def write_report(folder: str | Path, found: Sequence[runfiles.RunFiles]) -> Path
         protocol=doc["protocol"]["text"].strip(),
         rules=", ".join(f"`{k}` = {v}" for k, v in doc["protocol"]["rules"].items()),
         tables="\n\n".join(tables),
-        part2=part2,
-        later=later,
-        scale=scale,
+        **sections,
         verdicts="\n".join(table_rows),
         minutes=f"{span:.0f}",
         torch=first.versions.get("torch", "?") if first else "?",
