@@ -559,7 +559,7 @@ def plot_figure2(study: Study, stem: Path) -> list[Path]:
             band(ax_b, [r.series(VAL) for r in runs], label, alpha=0.15, **_style(net))
     ax_a.set_ylim(0.4, 0.95)
     ax_a.set_title(
-        "(a) test accuracy (seeds' mean, band min–max; a control at chance lies below 0.4)",
+        "(a) test accuracy\n(seeds' mean, band min–max; a control at chance lies below 0.4)",
         fontsize=10,
     )
     ax_a.set_ylabel("accuracy (BN: moving-average statistics)")
@@ -585,15 +585,17 @@ def plot_factors(study: Study, stem: Path) -> list[Path]:
     budget; the paper's factors as lines."""
     from matplotlib.ticker import NullFormatter
 
-    fig, (ax_a, ax_b) = figure(11.0, 4.0, 2)
+    fig, (ax_a, ax_b) = figure(11.0, 4.8, 2)
     resamples = study.rules["bootstrap"]
 
     def draw(ax, points, net, offset):
-        xs, ys, lo, hi = [], [], [], []
+        xs, ys, lo, hi, never = [], [], [], [], []
         for x, role in points:
             t = study.target(role)
             iv = factor(study, role, net, VAL, t).interval(resamples) if t else None
             if iv is None:
+                if t and study.of(role, net):  # it ran, and no seed reached T
+                    never.append(x * offset)
                 continue
             xs.append(x * offset)
             ys.append(iv.value)
@@ -605,6 +607,9 @@ def plot_factors(study: Study, stem: Path) -> list[Path]:
                         label=f"{study.label(net)}")  # fmt: skip
             ax.axhline(PAPER_FACTOR[net], color=color, ls=":", lw=1,
                        label=f"the paper's {study.label(net)}: {PAPER_FACTOR[net]:.1f}×")  # fmt: skip
+        if never:
+            ax.scatter(never, [0.6] * len(never), marker="v", color=STYLE[net]["color"],
+                       label=f"{study.label(net)}: no seed reaches T")  # fmt: skip
 
     for net, offset in (("bn-x5", 0.98), ("bn-x30", 1.02)):
         draw(ax_a, decay_roles(study), net, offset)
@@ -616,6 +621,7 @@ def plot_factors(study: Study, stem: Path) -> list[Path]:
     ax_b.set_xscale("log")
     ticks = [s for s, _ in budgets(study)]
     ax_b.set_xticks(ticks, [f"{s:,}" for s in ticks])
+    ax_b.set_xlim(ticks[0] / 1.5, ticks[-1] * 1.5)
     ax_b.set_xlabel("budget (steps; half-lives scaled with it)")
     ax_b.set_title("(b) budget", fontsize=10)
     for ax in (ax_a, ax_b):
@@ -626,7 +632,7 @@ def plot_factors(study: Study, stem: Path) -> list[Path]:
         ax.set_ylabel("factor to T (Baseline's steps ÷ own; bootstrap 95%)")
         ax.grid(alpha=0.3, which="both")
         if ax.get_legend_handles_labels()[0]:  # an unfinished study may have nothing here yet
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
     return save_figure(fig, stem)
 
 
