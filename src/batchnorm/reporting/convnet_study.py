@@ -577,6 +577,12 @@ def plot_figure2(study: Study, stem: Path) -> list[Path]:
         ax.set_xlabel("training steps")
         ax.grid(alpha=0.3)
     ax_b.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+    shown = set(ax_b.get_legend_handles_labels()[1])
+    handles, labels = ax_a.get_legend_handles_labels()
+    controls = [(h, n) for h, n in zip(handles, labels, strict=True) if n not in shown]
+    if controls:  # drawn in (a) only
+        ax_a.legend([h for h, _ in controls], [n for _, n in controls], loc="lower right",
+                    fontsize=8)  # fmt: skip
     return save_figure(fig, stem)
 
 
