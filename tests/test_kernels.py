@@ -25,8 +25,10 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason="fused kernels u
         ((8, 16, 40, 40), torch.channels_last),
         ((2, 1, 70000), None),
         ((64, 3, 33, 33), None),
+        ((4096, 40), None),  # 40 = 2 x 16 + 8 (AVX-512) or 5 x 8 (AVX2): a tail vector or not
+        ((8, 24, 40, 40), torch.channels_last),  # 16 + 8 or 3 x 8
     ],
-    ids=["2d", "nchw", "nhwc", "one-channel", "few-channels"],
+    ids=["2d", "nchw", "nhwc", "one-channel", "few-channels", "2d-tail", "nhwc-tail"],
 )
 def test_results_do_not_depend_on_thread_count(threads, shape, fmt):
     x = torch.randn(shape) * 3 + 100
@@ -132,7 +134,8 @@ PATHS = {
     "planar-chunks": ((50, 1, 60, 60), None),  # C < threads: chunks of one channel in parallel
     "planar-strided": ((64, 5, 33, 31), "transposed"),  # a non-contiguous view, odd map sizes
     "rows-2d": ((3000, 40), None),  # 2 chunks of rows
-    "rows-odd-channels": ((2500, 37), None),  # vector lanes plus a scalar tail per row
+    "rows-odd-channels": ((2500, 37), None),  # whole vectors, then one overlapping the last
+    "rows-narrow": ((5000, 7), None),  # fewer channels than vector lanes: the scalar loop
     "rows-nhwc": ((16, 24, 20, 20), torch.channels_last),
     "rows-ndhwc": ((4, 8, 10, 20, 20), torch.channels_last_3d),
 }

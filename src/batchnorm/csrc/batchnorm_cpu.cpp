@@ -640,6 +640,20 @@ inline void rows_block_sums(int64_t C, int64_t r0, int64_t r1, double* __restric
       widen_store_add(s1 + c, a);
       if constexpr (Two) widen_store_add(s2 + c, b);
     }
+    if (c < C && C >= L) {
+      // The last C - c < L channels: one vector ending at channel C, overlapping channels
+      // already summed, of which only the new lanes are kept. The scalar loop below would run
+      // a float64 dependency chain per channel: channels_last 32x24x56x56 (16 + 8 channels
+      // with AVX-512) took 0.89x torch's time at 1 thread against 1.5x at C = 16, 32 or 48.
+      const int64_t o = C - L;
+      V a{}, b{};
+      for (int64_t r = rb; r < re; ++r) step(r, o, a, b);
+      for (int64_t k = c - o; k < L; ++k) {
+        s1[o + k] += static_cast<double>(a[k]);
+        if constexpr (Two) s2[o + k] += static_cast<double>(b[k]);
+      }
+      c = C;
+    }
     for (; c < C; ++c) {
       double a = 0.0, b = 0.0;
       for (int64_t r = rb; r < re; ++r) scalar(r, c, a, b);
@@ -896,6 +910,9 @@ inline void planar_backward(const T* gy, const T* x, T* dx, const Geometry& g, i
   PlanarBackward<T>(gy, x, dx, g, c, a).run(n0, n1);
 }
 
+// rows_overlap: with C >= L, the last C % L channels of a row are one vector ending at channel C,
+// overlapping channels already done (rewritten with the same values: the output is never the
+// input, and never streamed when C % L != 0), instead of a scalar loop.
 template <typename T>
 inline void rows_forward(const T* __restrict x, T* __restrict y, const Geometry& g, int64_t r0,
                          int64_t r1, const ChannelAffine<T>& a) {
@@ -906,14 +923,16 @@ inline void rows_forward(const T* __restrict x, T* __restrict y, const Geometry&
   for (int64_t r = r0; r < r1; ++r) {
     const T* __restrict p = x + r * C;
     T* __restrict q = y + r * C;
-    int64_t c = 0;
-    for (; c + L <= C; c += L) {
+    auto vec = [&](int64_t c, bool streamed) {
       V mh, k1, k3;
       std::memcpy(&mh, a.mean_hi + c, sizeof(V));
       std::memcpy(&k1, a.k1 + c, sizeof(V));
       std::memcpy(&k3, a.k3 + c, sizeof(V));
-      vput(q + c, (vload(p + c) - mh) * k1 + k3, stream);
-    }
+      vput(q + c, (vload(p + c) - mh) * k1 + k3, streamed);
+    };
+    int64_t c = 0;
+    for (; c + L <= C; c += L) vec(c, stream);
+    if (c < C && C >= L) vec(C - L, false), c = C;  // the tail: see rows_overlap
     for (; c < C; ++c) store(q + c, (load(p[c]) - a.mean_hi[c]) * a.k1[c] + a.k3[c]);
   }
   if (stream) stream_fence();
@@ -930,15 +949,17 @@ inline void rows_backward(const T* __restrict gy, const T* __restrict x, T* __re
     const T* __restrict pg = gy + r * C;
     const T* __restrict px = x + r * C;
     T* __restrict q = dx + r * C;
-    int64_t c = 0;
-    for (; c + L <= C; c += L) {
+    auto vec = [&](int64_t c, bool streamed) {
       V mh, k1, k2, k3;
       std::memcpy(&mh, a.mean_hi + c, sizeof(V));
       std::memcpy(&k1, a.k1 + c, sizeof(V));
       std::memcpy(&k2, a.k2 + c, sizeof(V));
       std::memcpy(&k3, a.k3 + c, sizeof(V));
-      vput(q + c, k1 * vload(pg + c) - (k2 * (vload(px + c) - mh) + k3), stream);
-    }
+      vput(q + c, k1 * vload(pg + c) - (k2 * (vload(px + c) - mh) + k3), streamed);
+    };
+    int64_t c = 0;
+    for (; c + L <= C; c += L) vec(c, stream);
+    if (c < C && C >= L) vec(C - L, false), c = C;  // the tail: see rows_overlap
     for (; c < C; ++c)
       store(q + c, a.k1[c] * load(pg[c]) - (a.k2[c] * (load(px[c]) - a.mean_hi[c]) + a.k3[c]));
   }
